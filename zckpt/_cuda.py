@@ -1,0 +1,59 @@
+"""The CUDA staging path, kept small and apart: it cannot be tested on CPU-only machines.
+
+Device tensors are copied into the page-locked arena with ``non_blocking=True`` on a side
+stream; the stream is synchronised before ``staged`` resolves. The arena is page-locked
+once with ``cudaHostRegister`` (segments are page-aligned and live as long as the pool).
+CUDA IPC handles are never passed to workers: they fail in containers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_REGISTER_DEFAULT = 0
+
+
+def register_host(tensor: torch.Tensor) -> None:
+    """Page-lock an arena segment so device-to-host copies run at full speed, async."""
+    rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), _REGISTER_DEFAULT)
+    if int(rc) != 0:
+        raise RuntimeError(f"cudaHostRegister of {tensor.numel()} bytes failed with error {int(rc)}")
+
+
+def unregister_host(tensor: torch.Tensor) -> None:
+    try:
+        rc = torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+        if int(rc) != 0:
+            logger.warning("cudaHostUnregister failed with error %d", int(rc))
+    except Exception:  # interpreter shutdown, CUDA already torn down
+        logger.debug("cudaHostUnregister skipped", exc_info=True)
+
+
+class DeviceStager:
+    """Issues device-to-host copies on a side stream; :meth:`wait` makes them visible."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._used: list[torch.cuda.Stream] = []
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dev = src.device
+        stream: Optional[torch.cuda.Stream] = self._streams.get(dev)
+        if stream is None:
+            stream = self._streams[dev] = torch.cuda.Stream(device=dev)
+        # The side stream must see the trainer's pending writes to src.
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        if stream not in self._used:
+            self._used.append(stream)
+
+    def wait(self) -> None:
+        for stream in self._used:
+            stream.synchronize()
+        self._used.clear()

@@ -1,0 +1,180 @@
+"""The staging arena: reusable, pre-faulted shared-memory segments owned by the trainer.
+
+Each segment is a memfd (no name in /dev/shm, so a SIGKILL of anyone leaks nothing)
+mapped by the trainer through ``torch.UntypedStorage.from_file`` (the storage owns the
+mapping, so no tensor can outlive it). Workers map the same memory by opening
+``/proc/<trainer pid>/fd/<fd>``, which needs the trainer alive and the same user.
+
+Copying into warm pages ran at 11-15 GB/s here, into fresh pages at 0.3-2 GB/s: so
+segments are allocated and touched once, then reused save after save. A buffer set
+holds one segment per shard; ``staging_buffers`` sets let save N+1 stage while save N
+is written. A set grows (a new, larger segment with a new key) only when a save needs
+more room than it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import PoolClosedError
+from .protocol import SegmentRef
+
+__all__ = ["Segment", "BufferSet", "Arena"]
+
+logger = logging.getLogger(__name__)
+
+_ROUND = 1 << 21          # segment sizes are multiples of 2 MiB (huge-page friendly)
+
+
+def _round_up(n: int, to: int) -> int:
+    return max(to, -(-n // to) * to)
+
+
+class Segment:
+    """One memfd mapped read-write in the trainer as a flat uint8 tensor."""
+
+    def __init__(self, key: str, nbytes: int) -> None:
+        self.key = key
+        self.nbytes = nbytes
+        self.fd = os.memfd_create(f"zckpt-{key}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, nbytes)
+            try:
+                os.posix_fallocate(self.fd, 0, nbytes)  # fail now, not with SIGBUS later
+            except OSError as exc:
+                raise MemoryError(f"cannot reserve {nbytes} bytes of shared memory for staging: {exc}") from exc
+            storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{self.fd}", shared=True, nbytes=nbytes)
+            self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self.tensor.fill_(0)  # touch every page once: later copies run at memcpy speed
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.pinned = False
+
+    def ref(self) -> SegmentRef:
+        return SegmentRef(self.key, f"/proc/{os.getpid()}/fd/{self.fd}", self.nbytes)
+
+    def close(self) -> None:
+        if self.pinned:
+            from ._cuda import unregister_host
+            unregister_host(self.tensor)
+            self.pinned = False
+        self.tensor = None  # type: ignore[assignment]  # drops the mapping with the storage
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class BufferSet:
+    index: int
+    segments: list[Segment]
+    busy: bool = False
+
+
+class Arena:
+    """Buffer sets of segments; :meth:`acquire` hands one out, :meth:`release` returns it."""
+
+    def __init__(self, num_sets: int, name: str) -> None:
+        self._name = name
+        self._sets = [BufferSet(i, []) for i in range(num_sets)]
+        self._cond = threading.Condition()
+        self._closed = False
+        self._next_id = 0
+        self.allocations = 0      # segments ever created: flat after the first save
+
+    @property
+    def nbytes(self) -> int:
+        """Shared memory currently held."""
+        with self._cond:
+            return sum(seg.nbytes for s in self._sets for seg in s.segments)
+
+    def live_keys(self) -> list[str]:
+        with self._cond:
+            return [seg.key for s in self._sets for seg in s.segments]
+
+    def acquire(self, sizes: list[int], timeout_s: float, pin: bool = False) -> BufferSet:
+        """Wait for a free buffer set and make its segments at least ``sizes`` bytes.
+
+        Blocks while every set is being written by an earlier save (at most
+        ``timeout_s``; raises ``TimeoutError`` naming the wait).
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise PoolClosedError("the staging arena is closed")
+                free = [s for s in self._sets if not s.busy]
+                if free:
+                    # Prefer a set that already fits: no allocation on the hot path.
+                    bufset = next((s for s in free if self._fits(s, sizes)), free[0])
+                    bufset.busy = True
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no staging buffer came free within {timeout_s:.1f}s: "
+                                       "earlier saves are still being written")
+                self._cond.wait(left)
+        try:
+            self._grow(bufset, sizes, pin)
+        except BaseException:
+            self.release(bufset)
+            raise
+        return bufset
+
+    @staticmethod
+    def _fits(bufset: BufferSet, sizes: list[int]) -> bool:
+        return len(bufset.segments) >= len(sizes) and all(
+            seg.nbytes >= n for seg, n in zip(bufset.segments, sizes))
+
+    def _grow(self, bufset: BufferSet, sizes: list[int], pin: bool) -> None:
+        for i, need in enumerate(sizes):
+            if i < len(bufset.segments) and bufset.segments[i].nbytes >= need:
+                seg = bufset.segments[i]
+            else:
+                with self._cond:
+                    key = f"{self._name}-{self._next_id}"
+                    self._next_id += 1
+                # 1/8 headroom so a state dict that grows a little does not reallocate.
+                nbytes = _round_up(need + need // 8, _ROUND)
+                t0 = time.perf_counter()
+                seg = Segment(key, nbytes)
+                logger.info("arena %s: allocated segment %s of %.1f MiB in %.3fs",
+                            self._name, key, nbytes / 2**20, time.perf_counter() - t0)
+                with self._cond:
+                    if i < len(bufset.segments):
+                        bufset.segments[i].close()
+                        bufset.segments[i] = seg
+                    else:
+                        bufset.segments.append(seg)
+                    self.allocations += 1
+            if pin and not seg.pinned:
+                from ._cuda import register_host
+                register_host(seg.tensor)
+                seg.pinned = True
+
+    def release(self, bufset: BufferSet) -> None:
+        with self._cond:
+            bufset.busy = False
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Unmap and close every segment. Idempotent."""
+        with self._cond:
+            self._closed = True
+            sets, self._sets = self._sets, []
+            self._cond.notify_all()
+        for s in sets:
+            for seg in s.segments:
+                seg.close()
+            s.segments.clear()
+
+    def segment_for(self, bufset: BufferSet, index: int) -> Optional[Segment]:
+        return bufset.segments[index] if index < len(bufset.segments) else None

@@ -1,0 +1,199 @@
+"""Plan a save: find the storages behind the tensors, cut them into shards, lay out files.
+
+Pure functions of the flattened state dict; nothing here touches shared memory or disk.
+
+- Storages are stored once, whole, like ``torch.save`` does: tied weights and views
+  of one storage come back sharing storage.
+- Shards are size-balanced across workers: largest piece first onto the least-loaded
+  worker (LPT bin packing, within 4/3 of optimal). A storage larger than a fair share
+  is cut into page-aligned byte ranges first, so one huge matrix still fans out.
+- Within a shard file, entries are ordered by element size, largest first, so each
+  entry starts aligned to its element size without padding entries.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .format import build_header, dtype_name, safetensors_code, shard_name
+
+__all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save"]
+
+_SPLIT_ALIGN = 4096  # byte ranges of split storages start on page boundaries
+
+
+@dataclass
+class StorageInfo:
+    sid: int
+    nbytes: int
+    dtype: torch.dtype           # element type the entry is labelled with
+    name: str                    # key path of the first tensor that uses it
+    entry_shape: list[int]       # the tensor's shape when it covers the storage exactly
+    source: torch.Tensor         # a tensor on this storage (to copy from while staging)
+    pieces: list["Piece"] = field(default_factory=list)
+
+
+@dataclass
+class TensorInfo:
+    key: str
+    sid: int
+    dtype: torch.dtype
+    shape: list[int]
+    stride: list[int]
+    storage_offset: int
+    is_param: bool
+    requires_grad: bool
+
+
+@dataclass
+class Piece:
+    """A byte range of one storage, stored as one safetensors entry."""
+
+    sid: int
+    start: int                   # byte offset in the storage
+    nbytes: int
+    name: str
+    code: str                    # safetensors dtype code
+    shape: list[int]
+    itemsize: int
+    shard: int = -1
+    file_offset: int = -1        # absolute offset of the bytes in the shard file
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    name: str
+    pieces: list[Piece]
+    header: bytes
+    nbytes: int                  # whole file
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """Checksum ranges: the header, then every entry."""
+        return [(0, len(self.header))] + [(p.file_offset, p.nbytes) for p in self.pieces]
+
+
+@dataclass
+class SavePlan:
+    storages: list[StorageInfo]
+    tensors: list[TensorInfo]
+    shards: list[ShardPlan]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.storages)
+
+
+def _storage_key(t: torch.Tensor) -> Optional[tuple[str, int]]:
+    st = t.untyped_storage()
+    if st.nbytes() == 0:
+        return None  # empty storages share null pointers; each gets its own entry
+    return (str(t.device), st.data_ptr())
+
+
+def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[StorageInfo], list[TensorInfo]]:
+    """Group tensors by the storage they view, in first-seen order."""
+    storages: list[StorageInfo] = []
+    by_key: dict[tuple[str, int], int] = {}
+    infos: list[TensorInfo] = []
+    for key, t in tensors:
+        skey = _storage_key(t)
+        sid = by_key.get(skey) if skey is not None else None
+        if sid is None:
+            sid = len(storages)
+            if skey is not None:
+                by_key[skey] = sid
+            nbytes = t.untyped_storage().nbytes()
+            itemsize = t.element_size()
+            covers = (t.is_contiguous() and t.storage_offset() == 0 and t.numel() * itemsize == nbytes)
+            dtype = t.dtype if nbytes % itemsize == 0 else torch.uint8
+            shape = list(t.shape) if covers else [nbytes // (itemsize if dtype == t.dtype else 1)]
+            storages.append(StorageInfo(sid, nbytes, dtype, key, shape, t))
+        infos.append(TensorInfo(
+            key=key, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
+            storage_offset=t.storage_offset(), is_param=isinstance(t, torch.nn.Parameter),
+            requires_grad=t.requires_grad,
+        ))
+    return storages, infos
+
+
+def _cut(st: StorageInfo, max_piece: int) -> list[Piece]:
+    itemsize = torch.empty(0, dtype=st.dtype).element_size()
+    code = safetensors_code(st.dtype)
+    if code is None:  # dtype unknown to safetensors: raw bytes, real dtype in manifest
+        code, unit = "U8", 1
+    else:
+        unit = itemsize
+    if st.nbytes <= max_piece:
+        shape = st.entry_shape if unit == itemsize else [st.nbytes]
+        return [Piece(st.sid, 0, st.nbytes, st.name, code, shape, itemsize)]
+    count = math.ceil(st.nbytes / max_piece)
+    step = -(-math.ceil(st.nbytes / count) // _SPLIT_ALIGN) * _SPLIT_ALIGN
+    pieces = []
+    for i, start in enumerate(range(0, st.nbytes, step)):
+        n = min(step, st.nbytes - start)
+        pieces.append(Piece(st.sid, start, n, f"{st.name}#part{i}", code, [n // unit], itemsize))
+    return pieces
+
+
+def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_workers: int,
+              strategy: str = "balanced", split_large: bool = True) -> SavePlan:
+    """Assign storages (or byte ranges of them) to at most ``num_workers`` shard files."""
+    nonempty = [s for s in storages if s.nbytes > 0]
+    total = sum(s.nbytes for s in nonempty)
+    fair = max(1, math.ceil(total / num_workers))
+    max_piece = max(fair, _SPLIT_ALIGN) if split_large and num_workers > 1 else max(total, 1)
+    pieces: list[Piece] = []
+    for st in nonempty:
+        st.pieces = _cut(st, max_piece)
+        pieces.extend(st.pieces)
+
+    nshards = min(num_workers, len(pieces))
+    bins: list[list[Piece]] = [[] for _ in range(nshards)]
+    if strategy == "round_robin":
+        for i, p in enumerate(pieces):
+            bins[i % nshards].append(p)
+    else:
+        heap = [(0, i) for i in range(nshards)]
+        for p in sorted(pieces, key=lambda p: -p.nbytes):
+            load, i = heapq.heappop(heap)
+            bins[i].append(p)
+            heapq.heappush(heap, (load + p.nbytes, i))
+
+    shards = []
+    for index, members in enumerate(bins):
+        # Stable sort: element size descending keeps every entry self-aligned.
+        members.sort(key=lambda p: -p.itemsize)
+        entries, offset = [], 0
+        for p in members:
+            entries.append((p.name, p.code, p.shape, offset, offset + p.nbytes))
+            offset += p.nbytes
+        meta = {"format": "pt", "producer": "zckpt", "shard": f"{index}/{nshards}"}
+        header = build_header(entries, meta)
+        for p, (_, _, _, start, _) in zip(members, entries):
+            p.shard = index
+            p.file_offset = len(header) + start
+        shards.append(ShardPlan(index, shard_name(index, nshards), members, header, len(header) + offset))
+    return SavePlan(storages, tensors, shards)
+
+
+def manifest_records(plan: SavePlan) -> tuple[list[dict], list[dict]]:
+    """The manifest's "storages" and "tensors" lists for a plan."""
+    storages = [{
+        "nbytes": s.nbytes,
+        "device": str(s.source.device),
+        "parts": [{"file": p.shard, "offset": p.file_offset, "start": p.start, "nbytes": p.nbytes,
+                   "entry": p.name} for p in s.pieces],
+    } for s in plan.storages]
+    tensors = [{
+        "key": t.key, "storage": t.sid, "dtype": dtype_name(t.dtype), "shape": t.shape,
+        "stride": t.stride, "offset": t.storage_offset, "param": t.is_param,
+        "requires_grad": t.requires_grad,
+    } for t in plan.tensors]
+    return storages, tensors

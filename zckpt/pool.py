@@ -1,0 +1,470 @@
+"""CheckpointPool: the trainer-facing API. Stage, hand off, commit; never wait unbounded.
+
+Who talks to whom::
+
+    trainer thread            supervisor thread (one)            worker processes (N)
+    ─────────────             ────────────────────────           ────────────────────
+    pool.save(sd, path)
+      flatten + plan
+      copy into arena  ──shm──────────────────────────────────▶ mapped once, reused
+      fut.staged done
+      submit(jobs) ──queue+wake──▶ ROUTER ──WRITE(handles)──▶   write shard, fsync,
+                                        ◀──DONE(checksums)──    checksum
+                                   all shards done:
+                                   committer thread ─▶ manifest, fsync, rename,
+                                                       fsync parent ─▶ fut done
+                                   heartbeats both ways, pidfds: a dead or silent
+                                   worker fails its save and is replaced
+
+- The trainer thread is blocked only while it copies tensors into the arena (the one
+  copy); ``fut.staged`` is done when ``save()`` returns, unless ``async_staging``.
+- The supervisor thread owns every socket (see :mod:`zckpt.supervisor`).
+- The committer thread does the small metadata writes so neither the trainer nor the
+  supervisor blocks on fsync of the manifest and directories.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
+
+import cloudpickle
+import torch
+
+from . import commit as C
+from . import protocol as P
+from .arena import Arena, BufferSet
+from .config import PoolConfig
+from .errors import PoolClosedError, ZckptError
+from .format import FORMAT_NAME, FORMAT_VERSION
+from .plan import SavePlan, collect_storages, manifest_records, plan_save
+from .stager import stage_files
+from .supervisor import ShardJob, Supervisor
+from .tree import flatten, to_json
+
+__all__ = ["CheckpointPool", "SaveFuture", "PoolState", "PoolStats"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class PoolState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    CLOSING = "closing"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class SaveFuture(Future):
+    """The handle of one save. ``result()`` returns the committed path once durable.
+
+    Attributes:
+        staged: a ``Future`` done when the trainer may mutate its tensors again.
+        path: the final checkpoint directory.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.staged: Future = Future()
+        self.timings: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters for benchmarks and tests."""
+
+    arena_nbytes: int
+    arena_allocations: int
+    saves_started: int
+    saves_committed: int
+    saves_failed: int
+    worker_restarts: int
+
+
+class _Save:
+    """Book-keeping of one save in flight (touched by supervisor and committer threads)."""
+
+    def __init__(self, sid: int, future: SaveFuture, tmp_dirs: list[str], finals: list[str],
+                 bufset: BufferSet, manifest: dict[str, Any], shards: int) -> None:
+        self.id = sid
+        self.future = future
+        self.tmp_dirs = tmp_dirs
+        self.finals = finals
+        self.bufset = bufset
+        self.manifest = manifest
+        self.pending = set(range(shards))
+        self.results: dict[int, P.JobResult] = {}
+        self.error: Optional[BaseException] = None
+        self.t0 = time.perf_counter()
+
+
+class CheckpointPool:
+    """A pool of checkpoint worker processes fed through shared memory.
+
+    Args:
+        num_workers: Worker processes; overrides ``config.num_workers`` when given.
+        config: Every other knob (see :class:`PoolConfig`).
+        init_fn: Called as ``init_fn(*init_args)`` in each worker before it serves
+            work (set up logging, pin CPUs, import plugins). Travels cloudpickled:
+            lambdas and closures work.
+        init_args: Positional arguments for ``init_fn``.
+        writer_factory: Called as ``writer_factory(**writer_kwargs)`` in each worker;
+            returns a :class:`zckpt.writers.ShardWriter`. Default: a local-file writer
+            with large sequential writes and ``fdatasync``.
+        writer_kwargs: Keyword arguments for ``writer_factory``.
+
+    Blocks until every worker has started and run its init (at most
+    ``config.init_timeout_s``).
+
+    Raises:
+        WorkerInitError: ``init_fn`` or the writer factory raised in a worker (the
+            remote traceback is attached).
+        TimeoutError: a worker did not finish start-up in time (it is killed).
+    """
+
+    _MODE = "files"
+
+    def __init__(self, num_workers: Optional[int] = None, config: Optional[PoolConfig] = None, *,
+                 init_fn: Optional[Callable[..., Any]] = None, init_args: tuple = (),
+                 writer_factory: Optional[Callable[..., Any]] = None,
+                 writer_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+        cfg = config if config is not None else PoolConfig()
+        if not isinstance(cfg, PoolConfig):
+            raise TypeError(f"config must be a zckpt.PoolConfig, got {type(cfg).__name__}")
+        if num_workers is not None:
+            cfg = cfg.replace(num_workers=num_workers)
+        if init_fn is not None and not callable(init_fn):
+            raise TypeError(f"init_fn must be callable, got {type(init_fn).__name__}")
+        if writer_factory is not None and not callable(writer_factory):
+            raise TypeError(f"writer_factory must be callable, got {type(writer_factory).__name__}")
+        if not isinstance(init_args, tuple):
+            raise TypeError(f"init_args must be a tuple, got {type(init_args).__name__}")
+        self.config = cfg
+        self._lock = threading.Lock()
+        self._state = PoolState.STARTING
+        self._cause: Optional[BaseException] = None
+        self._saves: dict[int, _Save] = {}
+        self._next_save = 0
+        self._counts = {"started": 0, "committed": 0, "failed": 0}
+        self._swept: set[str] = set()
+        self._closed_event = threading.Event()
+        try:
+            payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
+        except Exception as exc:
+            raise TypeError(f"init_fn, init_args, writer_factory or writer_kwargs cannot be pickled: {exc}") from exc
+        self._arena = Arena(cfg.staging_buffers, name=f"{os.getpid()}-{id(self):x}")
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="zckpt-commit")
+        self._supervisor = Supervisor(cfg, payload, self._MODE, self._on_broken)
+        self._restarts_base = 0
+        t0 = time.perf_counter()
+        self._supervisor.start()
+        # Bounded: the supervisor kills a worker at init_timeout_s; the margin covers reaping.
+        if not self._supervisor.started_ok.wait(cfg.init_timeout_s + 10.0) or self._supervisor.start_error:
+            err = self._supervisor.start_error or TimeoutError(
+                f"timed out after {cfg.init_timeout_s:.1f}s waiting for checkpoint workers to start")
+            self._teardown(kill=True, deadline=time.monotonic() + 5.0)
+            raise err
+        with self._lock:
+            if self._state is PoolState.STARTING:
+                self._state = PoolState.READY
+        self.startup_s = time.perf_counter() - t0
+        logger.info("checkpoint pool ready: %d workers in %.3fs", cfg.num_workers, self.startup_s)
+        self._finalizer = weakref.finalize(self, _finalize, self._supervisor, self._arena, self._committer)
+
+    # --- public surface ----------------------------------------------------------------
+    @property
+    def worker_pids(self) -> list[int]:
+        """Pids of the live workers (replacements appear here)."""
+        return self._supervisor.worker_pids
+
+    @property
+    def state(self) -> PoolState:
+        with self._lock:
+            return self._state
+
+    @property
+    def stats(self) -> PoolStats:
+        with self._lock:
+            c = dict(self._counts)
+        return PoolStats(self._arena.nbytes, self._arena.allocations, c["started"], c["committed"],
+                         c["failed"], self._supervisor.restarts)
+
+    def save(self, state_dict: Mapping[str, Any], path: PathLike, *,
+             metadata: Optional[Mapping[str, Any]] = None, **writer_kwargs: Any) -> SaveFuture:
+        """Snapshot ``state_dict`` into shared memory and write it to ``path`` in the background.
+
+        Blocks only while tensors are copied into the arena (and, if every staging
+        buffer is still being written by earlier saves, until one comes free). When it
+        returns, ``fut.staged`` is done: the caller may mutate its tensors, and the
+        checkpoint will still hold the values they had at the call.
+
+        Args:
+            state_dict: A mapping (nested dicts, lists, tuples, tensors, Python values).
+            path: The checkpoint directory to create; parent directories are created.
+            metadata: JSON-serialisable data stored in the manifest.
+            **writer_kwargs: Passed to the writer's ``write_file`` in every worker.
+
+        Returns:
+            A :class:`SaveFuture`; ``result()`` returns the committed path once the
+            files and manifest are durable, or raises the worker's error
+            (:class:`WorkerDiedError`, the writer's exception, ``TimeoutError``).
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping, or holds an unstorable value.
+            FileExistsError: a checkpoint already exists at ``path`` (it is untouched).
+            PoolClosedError: the pool is closed, killed or broken.
+        """
+        t0 = time.perf_counter()
+        self._check_open()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping (dict), got {type(state_dict).__name__}")
+        final = os.path.abspath(os.fspath(path))
+        finals = [final] + [os.path.join(m, os.path.basename(final)) for m in self.config.mirrors]
+        for f in finals:
+            if os.path.lexists(f):
+                raise FileExistsError(f"a checkpoint already exists at {f!r}; zckpt never overwrites one")
+        skeleton, tensors = flatten(state_dict)
+        tree = to_json(skeleton)
+        storages, infos = collect_storages(tensors)
+        plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
+                         self.config.split_large_tensors)
+        storage_recs, tensor_recs = manifest_records(plan)
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
+            "tree": tree, "storages": storage_recs, "tensors": tensor_recs,
+            "metadata": _json_metadata(metadata), "torch_version": torch.__version__,
+            "files": [{"name": sh.name, "nbytes": sh.nbytes, "worker": sh.index,
+                       "chunks": [list(c) for c in sh.chunks]} for sh in plan.shards],
+        }
+        t_plan = time.perf_counter()
+        pin = any(s.source.device.type == "cuda" for s in plan.storages)
+        bufset = self._arena.acquire([s.nbytes for s in plan.shards], self.config.save_timeout_s, pin=pin)
+        t_acquired = time.perf_counter()
+        tmp_dirs: list[str] = []
+        try:
+            for f in finals:
+                parent = os.path.dirname(f)
+                os.makedirs(parent, exist_ok=True)
+                if parent not in self._swept:
+                    self._swept.add(parent)
+                    C.sweep_temp_dirs(parent)
+                tmp = C.temp_dir_for(f)
+                os.mkdir(tmp, 0o755)
+                tmp_dirs.append(tmp)
+            tasks = stage_files(plan, bufset)
+        except BaseException:
+            self._arena.release(bufset)
+            for tmp in tmp_dirs:
+                C.discard(tmp)
+            raise
+        t_staged = time.perf_counter()
+        fut = SaveFuture(final)
+        fut.timings.update(plan_s=t_plan - t0, wait_buffer_s=t_acquired - t_plan,
+                           copy_s=t_staged - t_acquired, blocked_s=t_staged - t0)
+        fut.staged.set_result(None)
+        with self._lock:
+            if self._state is not PoolState.READY:
+                self._arena.release(bufset)
+                for tmp in tmp_dirs:
+                    C.discard(tmp)
+                raise self._closed_error()
+            sid = self._next_save
+            self._next_save += 1
+            save = _Save(sid, fut, tmp_dirs, finals, bufset, manifest, len(tasks))
+            self._saves[sid] = save
+            self._counts["started"] += 1
+        if not tasks:  # nothing but Python values: commit straight away
+            self._committer.submit(self._commit, save)
+            return fut
+        deadline = time.monotonic() + self.config.save_timeout_s
+        live = self._arena.live_keys()
+        for i, task in enumerate(tasks):
+            msg = P.WriteFiles(job_id=sid, dirs=tmp_dirs, files=[task], live_keys=live, kwargs=writer_kwargs)
+            self._supervisor.submit(ShardJob(
+                slot=i, message=msg, deadline=deadline, describe=f"{task.name} of {final}",
+                on_done=lambda res, exc, save=save, i=i: self._shard_done(save, i, res, exc)))
+        return fut
+
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Graceful shutdown: refuse new saves, let in-flight saves finish, stop workers.
+
+        Waits at most ``timeout_s`` (default ``config.shutdown_timeout_s``) for saves
+        and workers; what is still running then is killed and its saves fail.
+        Idempotent; safe after :meth:`kill`.
+        """
+        limit = self.config.shutdown_timeout_s if timeout_s is None else float(timeout_s)
+        deadline = time.monotonic() + limit
+        with self._lock:
+            if self._state is PoolState.CLOSED:
+                return
+            if self._state in (PoolState.READY, PoolState.STARTING):
+                self._state = PoolState.CLOSING
+            pending = [s.future for s in self._saves.values()]
+        for fut in pending:
+            try:
+                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # TimeoutError or CancelledError: killed below
+                pass
+        self._teardown(kill=False, deadline=deadline)
+
+    def kill(self) -> None:
+        """Forceful shutdown: SIGKILL every worker now. In-flight saves fail.
+
+        The pool is unusable afterwards; committed checkpoints are untouched and
+        temp directories of failed saves are removed. Idempotent.
+        """
+        with self._lock:
+            if self._state is PoolState.CLOSED:
+                return
+            self._state = PoolState.BROKEN
+            if self._cause is None:
+                self._cause = PoolClosedError("the checkpoint pool was killed")
+        self._supervisor.kill_now()
+        self._teardown(kill=True, deadline=time.monotonic() + 10.0)
+
+    def __enter__(self) -> "CheckpointPool":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.kill()  # an exception in the with-block: do not wait on workers
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", PoolState.CLOSED) not in (PoolState.CLOSED,):
+            warnings.warn("CheckpointPool was not closed; call close() or use it as a context manager",
+                          ResourceWarning, stacklevel=2)
+
+    # --- internals ---------------------------------------------------------------------
+    def _check_open(self) -> None:
+        with self._lock:
+            if self._state is not PoolState.READY:
+                raise self._closed_error()
+
+    def _closed_error(self) -> PoolClosedError:
+        if self._state is PoolState.BROKEN and self._cause is not None:
+            err = PoolClosedError(f"the checkpoint pool is broken: {self._cause}")
+            err.__cause__ = self._cause
+            return err
+        return PoolClosedError(f"the checkpoint pool is {self._state.value}")
+
+    def _on_broken(self, cause: BaseException) -> None:
+        with self._lock:
+            if self._state in (PoolState.READY, PoolState.STARTING, PoolState.CLOSING):
+                self._state = PoolState.BROKEN
+                self._cause = cause
+        logger.error("checkpoint pool broken: %s", cause)
+
+    def _shard_done(self, save: _Save, index: int, result: Optional[P.JobResult],
+                    exc: Optional[BaseException]) -> None:
+        """Runs on the supervisor thread: record one shard; finish the save on the last."""
+        if exc is not None and save.error is None:
+            save.error = exc
+            if not save.future.done():
+                save.future.set_exception(exc)
+        if result is not None:
+            save.results[index] = result
+        save.pending.discard(index)
+        if save.pending:
+            return
+        self._arena.release(save.bufset)
+        if save.error is None:
+            self._committer.submit(self._commit, save)
+        else:
+            self._committer.submit(self._abandon, save)
+
+    def _commit(self, save: _Save) -> None:
+        try:
+            for i, rec in enumerate(save.manifest["files"]):
+                fr = save.results[i].files[0]
+                if fr.name != rec["name"] or fr.nbytes != rec["nbytes"]:
+                    raise ZckptError(f"worker {i} reported {fr.name} ({fr.nbytes} bytes), "
+                                     f"expected {rec['name']} ({rec['nbytes']} bytes)")
+                rec["checksums"] = fr.checksums
+                rec["write_s"] = round(fr.write_s, 6)
+                rec["hash_s"] = round(fr.hash_s, 6)
+            save.manifest["created_unix"] = time.time()
+            for tmp, final in zip(save.tmp_dirs, save.finals):
+                C.commit_dir(tmp, final, save.manifest, fsync=self.config.fsync)
+            if self.config.keep_last is not None:
+                for final in save.finals:
+                    C.apply_retention(os.path.dirname(final), self.config.keep_last, protect=final)
+        except BaseException as exc:  # noqa: BLE001
+            logger.error("commit of %s failed: %s", save.finals[0], exc)
+            self._abandon(save, exc)
+            return
+        with self._lock:
+            self._saves.pop(save.id, None)
+            self._counts["committed"] += 1
+        save.future.timings["durable_s"] = time.perf_counter() - save.t0
+        logger.info("committed %s in %.3fs", save.finals[0], save.future.timings["durable_s"])
+        save.future.set_result(save.finals[0])
+
+    def _abandon(self, save: _Save, exc: Optional[BaseException] = None) -> None:
+        for tmp in save.tmp_dirs:
+            if os.path.isdir(tmp):
+                C.discard(tmp)
+        with self._lock:
+            self._saves.pop(save.id, None)
+            self._counts["failed"] += 1
+        if not save.future.done():
+            save.future.set_exception(exc or save.error or ZckptError("save failed"))
+
+    def _teardown(self, kill: bool, deadline: float) -> None:
+        sup = self._supervisor
+        if kill:
+            sup.kill_now()
+        else:
+            sup.shutdown(deadline)
+        if sup.is_alive() or not sup.finished.is_set():
+            sup.join(timeout=max(0.0, deadline - time.monotonic()) + 10.0)
+        if sup.is_alive():
+            logger.error("supervisor thread did not stop; killing workers directly")
+            sup.kill_now()
+            sup.join(timeout=5.0)
+        # Saves the workers never answered: fail them and clean their temp dirs.
+        with self._lock:
+            leftovers = list(self._saves.values())
+        for save in leftovers:
+            if save.pending:
+                save.pending.clear()
+                self._arena.release(save.bufset)
+                self._committer.submit(self._abandon, save,
+                                       PoolClosedError("the pool shut down before the save finished"))
+        self._committer.shutdown(wait=True)
+        self._arena.close()
+        with self._lock:
+            self._state = PoolState.CLOSED
+        if hasattr(self, "_finalizer"):
+            self._finalizer.detach()
+
+
+def _finalize(supervisor: Supervisor, arena: Arena, committer: ThreadPoolExecutor) -> None:
+    """Last resort when a pool is garbage-collected or the interpreter exits unclosed."""
+    if supervisor.is_alive():
+        supervisor.kill_now()
+        supervisor.join(timeout=5.0)
+    committer.shutdown(wait=False)
+    arena.close()
+
+
+def _json_metadata(metadata: Optional[Mapping[str, Any]]) -> Any:
+    if metadata is None:
+        return None
+    import json
+    try:
+        return json.loads(json.dumps(dict(metadata)))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None

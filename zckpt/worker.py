@@ -1,0 +1,313 @@
+"""The checkpoint worker process: ``python -m zckpt.worker ENDPOINT SLOT GEN PARENT_PID HB_S ORPHAN_S``.
+
+A worker is a direct child of the trainer. It:
+
+1. sets a parent-death signal and checks its parent is still the trainer (so a trainer
+   killed by SIGKILL takes its workers with it);
+2. connects a command socket (``w-<slot>-<gen>``) and a heartbeat socket
+   (``h-<slot>-<gen>``, owned by a thread) to the trainer's ROUTER, and says HELLO;
+3. on INIT, extends ``sys.path`` like the trainer's, unpickles (cloudpickle) and runs
+   ``init_fn(*init_args)``, then builds its writer; any failure goes back as INIT_FAILED
+   with the traceback, and the worker exits;
+4. serves WRITE jobs until TERMINATE, mapping the trainer's segments once and keeping
+   them mapped; every job answers DONE or FAILED.
+
+The heartbeat thread keeps beating while the main thread writes (``os.write`` and the
+checksum release the GIL), carries a progress counter (busy is not hung), and ends the
+process if the trainer disappears: parent changed, or silent past ``orphan_timeout_s``.
+torch is imported only by the compat "state" mode.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import zmq
+
+from . import protocol as P
+from ._proc import set_parent_death_signal
+from .errors import pack_exception
+from .writers import default_writer_factory, map_segment
+
+logger = logging.getLogger(__name__)
+
+EXIT_ORPHANED = 70
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, ctx: zmq.Context, endpoint: str, identity: bytes, parent_pid: int,
+                 interval_s: float, orphan_timeout_s: float, progress: "list[int]") -> None:
+        super().__init__(name="zckpt-heartbeat", daemon=True)
+        self._ctx, self._endpoint, self._identity = ctx, endpoint, identity
+        self._parent_pid = parent_pid
+        self._interval_s = interval_s
+        self._orphan_timeout_s = orphan_timeout_s
+        self._progress = progress
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self._identity)
+        sock.connect(self._endpoint)
+        last_heard = time.monotonic()
+        next_beat = 0.0
+        try:
+            while not self._stop_event.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    msg = P.encode(P.Kind.HEARTBEAT, P.Heartbeat(self._progress[0], os.getpid()))
+                    try:
+                        sock.send_multipart(msg, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # trainer not reading: its silence is judged below
+                    next_beat = now + self._interval_s
+                wait_ms = max(1, int(min(next_beat - now, 0.25) * 1000))
+                if sock.poll(wait_ms):
+                    while sock.poll(0):
+                        sock.recv_multipart()
+                    last_heard = time.monotonic()
+                if os.getppid() != self._parent_pid:
+                    logger.error("trainer (pid %d) is gone; worker exits", self._parent_pid)
+                    os._exit(EXIT_ORPHANED)
+                if time.monotonic() - last_heard > self._orphan_timeout_s:
+                    logger.error("no heartbeat from the trainer for %.1fs; worker exits",
+                                 time.monotonic() - last_heard)
+                    os._exit(EXIT_ORPHANED)
+        finally:
+            sock.close(linger=0)
+
+
+class Worker:
+    """State of one worker process: sockets, writer, mapped segments."""
+
+    def __init__(self, endpoint: str, slot: int, generation: int, parent_pid: int,
+                 heartbeat_interval_s: float, orphan_timeout_s: float) -> None:
+        self.slot, self.generation, self.parent_pid = slot, generation, parent_pid
+        self.ctx = zmq.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)
+        self.cmd = self.ctx.socket(zmq.DEALER)
+        self.cmd.setsockopt(zmq.ROUTING_ID, P.command_id(slot, generation))
+        self.cmd.connect(endpoint)
+        self.progress = [0]
+        self.heartbeat = _Heartbeat(self.ctx, endpoint, P.heartbeat_id(slot, generation), parent_pid,
+                                    heartbeat_interval_s, orphan_timeout_s, self.progress)
+        self.orphan_timeout_s = orphan_timeout_s
+        self.init: Optional[P.InitRequest] = None
+        self.writer: Any = None
+        self._maps: dict[str, Any] = {}        # segment key -> mmap (files mode)
+        self._storages: dict[str, Any] = {}    # segment key -> torch storage (state mode)
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="zckpt-hash")
+
+    def send(self, kind: P.Kind, body: Any = P.Empty()) -> None:
+        self.cmd.send_multipart(P.encode(kind, body))
+
+    def recv(self, timeout_s: float) -> Optional[tuple[P.Kind, Any]]:
+        if not self.cmd.poll(int(timeout_s * 1000)):
+            return None
+        frames = self.cmd.recv_multipart()
+        try:
+            return P.decode(frames)
+        except P.ProtocolError as exc:
+            logger.error("dropping bad message from trainer: %s", exc)
+            return None
+
+    def run(self) -> int:
+        self.heartbeat.start()
+        self.send(P.Kind.HELLO, P.Hello(os.getpid(), self.slot, self.generation))
+        deadline = time.monotonic() + self.orphan_timeout_s
+        while self.init is None:
+            if time.monotonic() > deadline:
+                logger.error("no INIT from the trainer within %.1fs", self.orphan_timeout_s)
+                return 2
+            msg = self.recv(0.5)
+            if msg is None:
+                continue
+            kind, body = msg
+            if kind is P.Kind.TERMINATE:
+                self.send(P.Kind.BYE)
+                return 0
+            if kind is P.Kind.INIT:
+                self.init = body
+        if not self._initialize(self.init):
+            return 1
+        self.send(P.Kind.INIT_OK)
+        while True:
+            msg = self.recv(1.0)
+            if msg is None:
+                continue
+            kind, body = msg
+            if kind is P.Kind.WRITE:
+                self._serve(body)
+            elif kind is P.Kind.TERMINATE:
+                self._close_writer()
+                self.send(P.Kind.BYE)
+                return 0
+            else:
+                logger.warning("ignoring unexpected %s", kind.name)
+
+    def _initialize(self, req: P.InitRequest) -> bool:
+        logging.getLogger("zckpt").setLevel(req.log_level)
+        for entry in req.sys_path:  # functions pickled by reference must import here too
+            if entry not in sys.path:
+                sys.path.append(entry)
+        phase = "unpickling init_fn / writer_factory"
+        try:
+            import cloudpickle  # noqa: F401  (cloudpickle payloads need it importable)
+            init_fn, init_args, factory, factory_kwargs = pickle.loads(req.payload)
+            if init_fn is not None:
+                phase = "init_fn"
+                init_fn(*init_args)
+            phase = "writer_factory"
+            if factory is None:
+                self.writer = default_writer_factory(req.write_chunk_bytes, req.fsync, req.direct_io)
+            else:
+                self.writer = factory(**factory_kwargs)
+            if req.mode == "files" and not callable(getattr(self.writer, "write_file", None)):
+                raise TypeError(f"writer_factory returned {type(self.writer).__name__}, which has no "
+                                "write_file(path, data, *, progress, **kwargs) method")
+            if req.mode == "state" and not callable(getattr(self.writer, "write", None)):
+                raise TypeError(f"checkpoint writer {type(self.writer).__name__} has no write() method")
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the trainer
+            blob, text = pack_exception(exc)
+            logger.error("worker %d failed in %s:\n%s", self.slot, phase, text)
+            self.send(P.Kind.INIT_FAILED, P.ErrorReport(None, blob, text, phase))
+            return False
+        return True
+
+    def _serve(self, job: Any) -> None:
+        try:
+            if isinstance(job, P.WriteFiles):
+                result = self._write_files(job)
+            else:
+                result = self._write_state(job)
+        except BaseException as exc:  # noqa: BLE001
+            blob, text = pack_exception(exc)
+            logger.error("worker %d job %d failed:\n%s", self.slot, job.job_id, text)
+            self.send(P.Kind.FAILED, P.ErrorReport(job.job_id, blob, text, "write"))
+            return
+        self.send(P.Kind.DONE, result)
+
+    def _add_progress(self, nbytes: int) -> None:
+        self.progress[0] += nbytes
+
+    def _drop_unlisted(self, live_keys: list[str]) -> None:
+        live = set(live_keys)
+        for key in [k for k in self._maps if k not in live]:
+            self._maps.pop(key).close()
+        for key in [k for k in self._storages if k not in live]:
+            del self._storages[key]
+
+    def _write_files(self, job: P.WriteFiles) -> P.JobResult:
+        assert self.init is not None
+        self._drop_unlisted(job.live_keys)
+        results = []
+        for task in job.files:
+            mm = self._maps.get(task.segment.key)
+            if mm is None:
+                mm = self._maps[task.segment.key] = map_segment(task.segment.path, task.segment.nbytes)
+            with memoryview(mm) as whole, whole[task.offset: task.offset + task.nbytes] as data:
+                sums = None
+                if self.init.checksum != "none":
+                    sums = self._hasher.submit(_checksums, data, task.chunks)
+                t0 = time.perf_counter()
+                for d in job.dirs:
+                    self.writer.write_file(os.path.join(d, task.name), data, progress=self._add_progress,
+                                           **job.kwargs)
+                write_s = time.perf_counter() - t0
+                digests, hash_s = sums.result() if sums is not None else ([], 0.0)
+            results.append(P.FileResult(task.name, task.nbytes, digests, write_s, hash_s))
+        return P.JobResult(job.job_id, results)
+
+    def _write_state(self, job: P.WriteState) -> P.JobResult:
+        import torch
+
+        from .tree import unflatten
+
+        self._drop_unlisted(job.live_keys)
+        skeleton = pickle.loads(job.tree)
+        per_job: dict[str, Any] = {}
+        tensors = []
+        for spec in job.tensors:
+            dtype = getattr(torch, spec.dtype)
+            if spec.nbytes == 0:
+                tensors.append(torch.empty_strided(spec.shape, spec.stride, dtype=dtype))
+                continue
+            cache = self._storages if spec.cacheable else per_job
+            storage = cache.get(spec.segment.key)
+            if storage is None:
+                storage = cache[spec.segment.key] = torch.UntypedStorage.from_file(
+                    spec.segment.path, shared=True, nbytes=spec.segment.nbytes)
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            t = torch.empty(0, dtype=dtype)
+            t.set_(storage, spec.byte_offset // itemsize + spec.storage_offset, spec.shape, spec.stride)
+            tensors.append(t)
+        state_dict = unflatten(skeleton, tensors)
+        self.writer.write(path=job.path, state_dict=state_dict, **job.kwargs)
+        return P.JobResult(job.job_id, [])
+
+    def _close_writer(self) -> None:
+        close = getattr(self.writer, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                logger.exception("writer.close() raised")
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        self.heartbeat.join(timeout=2.0)
+        self._hasher.shutdown(wait=False)
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self._maps.clear()
+        self.cmd.close(linger=0)
+        self.ctx.term()
+
+
+def _checksums(data: memoryview, chunks: list[tuple[int, int]]) -> tuple[list[str], float]:
+    import xxhash
+
+    t0 = time.perf_counter()
+    out = []
+    for off, n in chunks:
+        with data[off: off + n] as piece:
+            out.append(xxhash.xxh3_64_hexdigest(piece))
+    return out, time.perf_counter() - t0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    endpoint, slot, generation, parent_pid = args[0], int(args[1]), int(args[2]), int(args[3])
+    hb_s, orphan_s = float(args[4]), float(args[5])
+    faulthandler.enable()  # a crash leaves a stack on stderr
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the trainer died before the signal was armed
+        return EXIT_ORPHANED
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"zckpt-worker[slot={slot} gen={generation} pid=%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    worker = Worker(endpoint, slot, generation, parent_pid, hb_s, orphan_s)
+    try:
+        return worker.run()
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
