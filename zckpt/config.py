@@ -49,6 +49,8 @@ class PoolConfig:
         save_timeout_s: A save not committed within this fails with ``TimeoutError``;
             the workers still busy with it are killed and replaced (a hung writer
             cannot wedge the pool).
+        replace_dead_workers: Start a replacement when a worker dies, so the next
+            save works. When false, a death breaks the pool (compat semantics).
         staging_buffers: Sets of staging buffers. 1 bounds shared memory to one copy of
             the state dict (a save waits for the previous one to be written); 2 lets
             save N+1 stage while save N is written, at twice the memory.
@@ -73,6 +75,7 @@ class PoolConfig:
     shutdown_timeout_s: float = 60.0
     orphan_timeout_s: float = 60.0
     save_timeout_s: float = 3600.0
+    replace_dead_workers: bool = True
     staging_buffers: int = 1
     write_chunk_bytes: int = 64 * _MiB
     checksum: str = "xxh3_64"
@@ -97,7 +100,7 @@ class PoolConfig:
             raise ValueError(f"PoolConfig.split must be one of {SPLIT_STRATEGIES}, got {self.split!r}")
         if self.checksum not in ("xxh3_64", "none"):
             raise ValueError(f"PoolConfig.checksum must be 'xxh3_64' or 'none', got {self.checksum!r}")
-        for name in ("split_large_tensors", "fsync", "direct_io"):
+        for name in ("split_large_tensors", "fsync", "direct_io", "replace_dead_workers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PoolConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.keep_last is not None:

@@ -25,6 +25,9 @@ from .format import build_header, dtype_name, safetensors_code, shard_name
 __all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save"]
 
 _SPLIT_ALIGN = 4096  # byte ranges of split storages start on page boundaries
+# Below this a storage is never split: the parallelism gained is smaller than the cost
+# of a less readable file (safetensors readers see "name#partN" entries).
+_MIN_SPLIT_BYTES = 16 << 20
 
 
 @dataclass
@@ -130,7 +133,7 @@ def _cut(st: StorageInfo, max_piece: int) -> list[Piece]:
         code, unit = "U8", 1
     else:
         unit = itemsize
-    if st.nbytes <= max_piece:
+    if st.nbytes <= max(max_piece, _MIN_SPLIT_BYTES):
         shape = st.entry_shape if unit == itemsize else [st.nbytes]
         return [Piece(st.sid, 0, st.nbytes, st.name, code, shape, itemsize)]
     count = math.ceil(st.nbytes / max_piece)

@@ -112,7 +112,7 @@ class Supervisor(threading.Thread):
         self._commands: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Private 0700 directory: unpickling runs code, so only our user may connect.
-        self._ipc_dir = tempfile.mkdtemp(prefix="zckpt-")
+        self._ipc_dir = tempfile.mkdtemp(prefix=f"zckpt-{os.getpid()}-")
         os.chmod(self._ipc_dir, 0o700)
         self.endpoint = f"ipc://{self._ipc_dir}/ctl"
         if len(self.endpoint) - len("ipc://") > 100:
@@ -152,9 +152,10 @@ class Supervisor(threading.Thread):
                     if s.proc is not None and s.state in (SlotState.READY, SlotState.BUSY, SlotState.SPAWNING)
                     and s.proc.returncode is None]
 
-    def slot_pid(self, index: int) -> Optional[int]:
+    def slot_process(self, index: int) -> Optional[subprocess.Popen]:
+        """The current process of a slot (for compat's ``process.processes``)."""
         with self._lock:
-            return self._slots[index].pid
+            return self._slots[index].proc
 
     def _command(self, what: str, arg: Any) -> None:
         self._commands.put((what, arg))
@@ -289,11 +290,16 @@ class Supervisor(threading.Thread):
         if was is SlotState.SPAWNING:
             self._start_failed(slot, WorkerInitError(f"{msg} during start-up"))
             return
-        if not (self._stopping or self._broken):
-            logger.warning("replacing slot %d (generation %d -> %d)", slot.index, slot.generation,
-                           slot.generation + 1)
-            self.restarts += 1
-            self._spawn(slot)
+        if self._stopping or self._broken:
+            return
+        if not self.config.replace_dead_workers:
+            self._break(WorkerDiedError(msg))
+            self._kill_all()
+            return
+        logger.warning("replacing slot %d (generation %d -> %d)", slot.index, slot.generation,
+                       slot.generation + 1)
+        self.restarts += 1
+        self._spawn(slot)
 
     def _start_failed(self, slot: _Slot, exc: BaseException) -> None:
         if self._initial:

@@ -1,0 +1,226 @@
+"""Faults x phases: what each failure raises, and that nothing committed is lost.
+
+fault                          phase        expected
+-----------------------------  -----------  ---------------------------------------------
+init_fn raises                 init         WorkerInitError + remote traceback
+writer factory raises          init         WorkerInitError + remote traceback
+init_fn hangs                  init         TimeoutError, worker killed
+worker os._exit in init        init         WorkerInitError naming the exit code
+SIGKILL                        idle         replaced; next save works
+SIGKILL                        writing      WorkerDiedError; no partial checkpoint; replaced
+SIGSTOP                        writing      WorkerDiedError (silent); replaced
+long write, heartbeats flow    writing      no false death
+writer hangs past save timeout writing      TimeoutError; replaced
+close() with a hung writer     shutdown     returns by its deadline; save fails
+trainer SIGKILLed              any          workers exit, no shared memory left
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import zckpt
+from zckpt import PoolConfig
+
+from _writers import GateWriter, failing_init, slow_init
+from conftest import children_of, pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = dict(fsync=False, heartbeat_interval_s=0.2, heartbeat_liveness=3, init_timeout_s=30.0)
+
+
+def started(gate) -> int:
+    return len([f for f in os.listdir(gate) if f.startswith("started")])
+
+
+def test_init_fn_error_carries_remote_traceback():
+    with pytest.raises(zckpt.WorkerInitError, match="init_fn.*ValueError: bad cuda device 7") as info:
+        zckpt.CheckpointPool(num_workers=2, config=PoolConfig(**FAST), init_fn=failing_init,
+                             init_args=("bad cuda device 7",))
+    assert "failing_init" in info.value.remote_traceback
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_writer_factory_error_carries_remote_traceback():
+    def factory(**kwargs):
+        raise RuntimeError(f"no storage credentials for {kwargs['bucket']}")
+
+    with pytest.raises(zckpt.WorkerInitError, match="writer_factory.*no storage credentials for b1") as info:
+        zckpt.CheckpointPool(num_workers=1, config=PoolConfig(**FAST), writer_factory=factory,
+                             writer_kwargs={"bucket": "b1"})
+    assert "in factory" in info.value.remote_traceback
+
+
+def test_writer_without_write_file_is_an_init_error():
+    with pytest.raises(zckpt.WorkerInitError, match="no write_file"):
+        zckpt.CheckpointPool(num_workers=1, config=PoolConfig(**FAST), writer_factory=lambda: object())
+
+
+def test_init_timeout_raises_and_kills_the_worker(tmp_path):
+    cfg = PoolConfig(**{**FAST, "init_timeout_s": 1.0})
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="timed out after 1.0s"):
+        zckpt.CheckpointPool(num_workers=1, config=cfg, init_fn=slow_init, init_args=(str(tmp_path / "never"),))
+    assert time.monotonic() - t0 < 15  # the deadline held (generous: a shared machine)
+    # no_leaks asserts the hung worker was killed and reaped
+
+
+def test_worker_exiting_during_init_is_an_init_error():
+    with pytest.raises(zckpt.WorkerInitError, match="exit code 13"):
+        zckpt.CheckpointPool(num_workers=1, config=PoolConfig(**FAST), init_fn=lambda: os._exit(13))
+
+
+def test_sigkill_idle_worker_is_replaced(make_pool, tmp_path):
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST))
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in pool.worker_pids and len(pool.worker_pids) == 2, 20,
+               "the killed worker to be replaced")
+    assert pool.stats.worker_restarts == 1
+    pool.save({"a": torch.ones(5), "b": torch.ones(5)}, tmp_path / "c").result(timeout=60)
+    assert torch.equal(zckpt.load(tmp_path / "c")["a"], torch.ones(5))
+
+
+def test_sigkill_while_writing_fails_the_save_and_keeps_old_checkpoints(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST), writer_factory=GateWriter,
+                     writer_kwargs={"gate_dir": str(gate)})
+    (gate / "open").touch()
+    pool.save({"a": torch.ones(5), "b": torch.ones(5)}, tmp_path / "ck" / "good").result(timeout=60)
+    (gate / "open").unlink()
+    for f in gate.iterdir():
+        f.unlink()
+    fut = pool.save({"a": torch.zeros(5), "b": torch.zeros(5)}, tmp_path / "ck" / "doomed")
+    wait_until(lambda: started(gate) == 2, 30, "both workers to start writing")
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(zckpt.WorkerDiedError, match=rf"pid={victim}.*SIGKILL") as info:
+        fut.result(timeout=30)
+    assert "doomed" in str(info.value)
+    (gate / "open").touch()  # let the surviving worker finish its shard
+    wait_until(lambda: sorted(os.listdir(tmp_path / "ck")) == ["good"], 20,
+               "the failed save's temp directory to be removed")
+    assert zckpt.latest(tmp_path / "ck") == str(tmp_path / "ck" / "good")
+    zckpt.verify(tmp_path / "ck" / "good")
+    wait_until(lambda: len(pool.worker_pids) == 2 and victim not in pool.worker_pids, 20, "a replacement")
+    pool.save({"a": torch.full((5,), 2.0), "b": torch.ones(5)}, tmp_path / "ck" / "after").result(timeout=60)
+    assert torch.equal(zckpt.load(tmp_path / "ck" / "after")["a"], torch.full((5,), 2.0))
+
+
+def test_sigstop_while_writing_is_declared_dead_within_three_intervals(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cfg = PoolConfig(**FAST)
+    pool = make_pool(num_workers=1, config=cfg, writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    fut = pool.save({"a": torch.ones(5)}, tmp_path / "c")
+    wait_until(lambda: started(gate) == 1, 30, "the worker to start writing")
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGSTOP)
+    t_stop = time.monotonic()
+    try:
+        with pytest.raises(zckpt.WorkerDiedError, match="went silent") as info:
+            fut.result(timeout=30)
+        detected_after = time.monotonic() - t_stop
+    finally:
+        if pid_alive(victim):
+            os.kill(victim, signal.SIGCONT)
+    # The message reports the silence the supervisor measured: it must be past the limit
+    # and well within 3 intervals plus the poll cadence.
+    silent = float(info.value.args[0].split("last heard ")[1].split("s ago")[0])
+    assert cfg.dead_after_s <= silent <= cfg.dead_after_s + cfg.heartbeat_interval_s + 0.5
+    assert detected_after < 10  # generous bound for a loaded machine
+    (gate / "open").touch()
+    wait_until(lambda: len(pool.worker_pids) == 1 and victim not in pool.worker_pids, 20, "a replacement")
+    pool.save({"a": torch.ones(5)}, tmp_path / "d").result(timeout=60)
+
+
+def test_heartbeats_flow_during_a_long_write(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cfg = PoolConfig(**{**FAST, "heartbeat_interval_s": 0.1})  # dead after 0.3 s of silence
+    pool = make_pool(num_workers=1, config=cfg, writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    fut = pool.save({"a": torch.ones(5)}, tmp_path / "c")
+    wait_until(lambda: started(gate) == 1, 30, "the worker to start writing")
+    # The write is held for 5x the dead-after limit: what is under test is the duration.
+    assert not fut.done()
+    deadline = time.monotonic() + 5 * cfg.dead_after_s
+    while time.monotonic() < deadline:
+        assert not fut.done(), "the save ended while its worker was only busy"
+        time.sleep(0.05)
+    (gate / "open").touch()
+    fut.result(timeout=30)
+    assert pool.stats.worker_restarts == 0
+
+
+def test_hung_writer_hits_save_timeout_and_is_replaced(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cfg = PoolConfig(**{**FAST, "save_timeout_s": 1.0})
+    pool = make_pool(num_workers=1, config=cfg, writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    fut = pool.save({"a": torch.ones(5)}, tmp_path / "c")
+    with pytest.raises(zckpt.WorkerDiedError, match="save_timeout_s"):
+        fut.result(timeout=30)
+    wait_until(lambda: pool.stats.worker_restarts == 1 and len(pool.worker_pids) == 1, 20, "a replacement")
+    (gate / "open").touch()
+    pool.save({"a": torch.ones(5)}, tmp_path / "d").result(timeout=60)
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_close_is_bounded_when_a_write_hangs(tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = zckpt.CheckpointPool(num_workers=1, config=PoolConfig(**FAST), writer_factory=GateWriter,
+                                writer_kwargs={"gate_dir": str(gate)})
+    try:
+        fut = pool.save({"a": torch.ones(5)}, tmp_path / "c")
+        wait_until(lambda: started(gate) == 1, 30, "the worker to start writing")
+        t0 = time.monotonic()
+        pool.close(timeout_s=1.0)
+        assert time.monotonic() - t0 < 15
+    finally:
+        pool.kill()
+    with pytest.raises(zckpt.ZckptError):
+        fut.result(timeout=5)
+    assert not os.path.exists(tmp_path / "c")
+
+
+TRAINER = textwrap.dedent("""
+    import sys, time, torch, zckpt
+    pool = zckpt.CheckpointPool(num_workers=2, config=zckpt.PoolConfig(fsync=False))
+    fut = pool.save({"w": torch.randn(1000)}, sys.argv[1])
+    fut.result(timeout=60)
+    print(" ".join(map(str, pool.worker_pids)), flush=True)
+    while True:          # a training loop that never ends: the test kills us
+        time.sleep(0.1)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_exit_when_the_trainer_dies(tmp_path, sig):
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    trainer = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck")], stdout=subprocess.PIPE,
+                               env=env, text=True)
+    try:
+        line = trainer.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2 and set(pids) <= children_of(trainer.pid)
+        trainer.send_signal(sig)
+        trainer.wait(timeout=30)
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "the orphaned workers to exit")
+    finally:
+        trainer.kill()
+        trainer.wait(timeout=30)
+    zckpt.verify(tmp_path / "ck")  # what was committed before the crash is intact
+    assert not [n for n in os.listdir("/dev/shm") if "zckpt" in n or str(trainer.pid) in n]
