@@ -1,0 +1,165 @@
+"""The on-disk format: safetensors interop, verify, corruption, latest and temp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import zckpt
+from zckpt import CorruptCheckpointError
+from zckpt.commit import committed, sweep_temp_dirs
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def ckpt(make_pool, tmp_path):
+    """A committed two-shard checkpoint of known content."""
+    pool = make_pool(num_workers=2)
+    torch.manual_seed(1)
+    sd = {"layer": {"weight": torch.randn(64, 32), "bias": torch.randn(32)},
+          "emb": torch.randn(100, 16).bfloat16(), "step": 7}
+    sd["tied"] = sd["layer"]["weight"]
+    path = tmp_path / "root" / "step-7"
+    pool.save(sd, path).result(timeout=60)
+    return path, sd
+
+
+def shards(path):
+    return sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
+
+
+def test_shards_open_with_safetensors(ckpt):
+    safetensors = pytest.importorskip("safetensors.torch")
+    path, sd = ckpt
+    seen = {}
+    for name in shards(path):
+        seen.update(safetensors.load_file(str(path / name)))
+    assert torch.equal(seen["layer.weight"], sd["layer"]["weight"])
+    assert torch.equal(seen["layer.bias"], sd["layer"]["bias"])
+    assert torch.equal(seen["emb"], sd["emb"]) and seen["emb"].dtype == torch.bfloat16
+    assert "tied" not in seen  # the tied tensor is stored once, under its first name
+
+
+def test_verify_reports_what_it_checked(ckpt):
+    path, _ = ckpt
+    summary = zckpt.verify(path)
+    assert summary["files"] == 2 and summary["tensors"] == 4 and summary["storages"] == 3
+    assert summary["bytes_checked"] == sum(os.path.getsize(path / s) for s in shards(path))
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_flipped_data_byte_names_file_and_tensor(ckpt):
+    path, _ = ckpt
+    manifest = json.loads((path / "manifest.json").read_text())["zckpt_manifest"]
+    part = manifest["storages"][0]["parts"][0]  # layer.weight, shared with "tied"
+    fname = manifest["files"][part["file"]]["name"]
+    _flip(path / fname, part["offset"] + 100)
+    for check in (zckpt.verify, zckpt.load):
+        with pytest.raises(CorruptCheckpointError, match=rf"{fname}.*checksum mismatch.*layer\.weight.*tied"):
+            check(path)
+    back = zckpt.load(path, verify=False)  # the escape hatch reads it anyway
+    assert back["step"] == 7
+
+
+def test_flipped_header_byte_is_caught(ckpt):
+    path, _ = ckpt
+    name = shards(path)[0]
+    _flip(path / name, 20)  # inside the JSON header
+    with pytest.raises(CorruptCheckpointError, match=name):
+        zckpt.verify(path)
+    with pytest.raises(CorruptCheckpointError, match=name):
+        zckpt.load(path)
+
+
+def test_truncated_file(ckpt):
+    path, _ = ckpt
+    name = shards(path)[1]
+    size = os.path.getsize(path / name)
+    os.truncate(path / name, size - 10)
+    for check in (zckpt.verify, zckpt.load):
+        with pytest.raises(CorruptCheckpointError, match=rf"{name}.*truncated"):
+            check(path)
+
+
+def test_missing_file(ckpt):
+    path, _ = ckpt
+    name = shards(path)[0]
+    os.unlink(path / name)
+    for check in (zckpt.verify, zckpt.load):
+        with pytest.raises(CorruptCheckpointError, match=rf"{name}.*missing"):
+            check(path)
+
+
+def test_edited_manifest(ckpt):
+    path, _ = ckpt
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["zckpt_manifest"]["tensors"][0]["shape"] = [32, 64]
+    (path / "manifest.json").write_text(json.dumps(doc))
+    for check in (zckpt.verify, zckpt.load):
+        with pytest.raises(CorruptCheckpointError, match="manifest checksum mismatch"):
+            check(path)
+
+
+def test_garbage_manifest(ckpt):
+    path, _ = ckpt
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+        zckpt.load(path)
+
+
+def test_directory_without_manifest_is_not_a_checkpoint(ckpt):
+    path, _ = ckpt
+    os.unlink(path / "manifest.json")
+    with pytest.raises(CorruptCheckpointError, match="not a committed"):
+        zckpt.load(path)
+    assert zckpt.latest(path.parent) is None
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        zckpt.load(tmp_path / "nope")
+
+
+def test_map_location(ckpt):
+    path, sd = ckpt
+    back = zckpt.load(path, map_location="cpu")
+    assert back["layer"]["weight"].device.type == "cpu"
+    back = zckpt.load(path, map_location={"cpu": "cpu"}, num_threads=1)
+    assert torch.equal(back["emb"], sd["emb"])
+
+
+def test_latest_ignores_temp_and_uncommitted(make_pool, tmp_path):
+    pool = make_pool(num_workers=1)
+    root = tmp_path / "root"
+    for step in (1, 2):
+        pool.save({"s": torch.tensor(step)}, root / f"step-{step}").result(timeout=60)
+    (root / "step-3.tmp-999999-deadbeef").mkdir()          # a crashed trainer's leftover
+    (root / "step-4").mkdir()                              # no manifest: never committed
+    assert zckpt.latest(root) == str(root / "step-2")
+    assert committed(root) == [str(root / "step-1"), str(root / "step-2")]
+    assert zckpt.latest(tmp_path / "empty") is None
+
+
+def test_leftover_temp_dirs_are_swept_on_next_save(make_pool, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    dead = root / "step-1.tmp-999999-0badc0de"    # pid 999999: not running
+    dead.mkdir()
+    (dead / "shard-00000-of-00001.safetensors").write_bytes(b"partial")
+    live = root / f"step-2.tmp-{os.getppid()}-0badc0de"  # a live process's save in progress
+    live.mkdir()
+    pool = make_pool(num_workers=1)
+    pool.save({"s": torch.ones(1)}, root / "step-3").result(timeout=60)
+    assert not dead.exists() and live.exists()
+    assert sweep_temp_dirs(str(root)) == []
