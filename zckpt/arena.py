@@ -19,7 +19,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -175,6 +174,3 @@ class Arena:
             for seg in s.segments:
                 seg.close()
             s.segments.clear()
-
-    def segment_for(self, bufset: BufferSet, index: int) -> Optional[Segment]:
-        return bufset.segments[index] if index < len(bufset.segments) else None

@@ -8,7 +8,7 @@ the worker as tensors over the same shared memory.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import os
 from typing import Optional
 
 import torch
@@ -87,7 +87,6 @@ def _shared_ref(t: torch.Tensor) -> SegmentRef:
     st = t.untyped_storage()
     if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
         fd, size = st._share_fd_cpu_()  # returns the existing fd of an already-shared storage
-        import os
         return SegmentRef(f"user-{fd}", f"/proc/{os.getpid()}/fd/{fd}", size)
     _, name, size = st._share_filename_cpu_()
     name = name.decode() if isinstance(name, bytes) else name
