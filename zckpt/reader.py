@@ -20,8 +20,8 @@ import torch
 import xxhash
 
 from .errors import CorruptCheckpointError
-from .format import checksum_hex, dtype_from_name, read_manifest
-from .tree import from_json, unflatten
+from .format import checksum_hex, dtype_from_name, dtype_name, read_manifest
+from .tree import flatten, from_json, unflatten
 
 __all__ = ["load", "verify"]
 
@@ -83,34 +83,63 @@ def _check_files(directory: str, body: dict[str, Any]) -> list[str]:
 
 
 def load(path: PathLike, map_location: MapLocation = None, *, verify: bool = True,
-         num_threads: Optional[int] = None) -> Any:
+         into: Any = None, strict: bool = True, num_threads: Optional[int] = None) -> Any:
     """Load a committed checkpoint and return the nested structure that was saved.
 
     Args:
         path: The checkpoint directory.
         map_location: ``None`` (the device each tensor was saved from), a device
             (``"cpu"``, ``torch.device("cuda:0")``), or a dict mapping saved device
-            strings to devices.
+            strings to devices. Ignored with ``into``.
         verify: Check every byte against the manifest's checksums (default). Costs one
             extra pass over memory, no extra reads.
+        into: An existing state dict of the same structure: its tensors are filled in
+            place (read straight into their memory where they are contiguous CPU
+            tensors: no new tensor allocations) and the returned structure holds them.
+        strict: With ``into``: keys present on only one side raise ``KeyError``.
         num_threads: Parallel reads (default: min(8, CPUs + 2)).
 
     Raises:
         CorruptCheckpointError: a missing, truncated or modified file, or a bad manifest.
         FileNotFoundError: ``path`` is not a directory.
+        KeyError, ValueError: with ``into``, keys, shapes or dtypes that do not match.
     """
     directory = os.fspath(path)
     body = read_manifest(directory)
     paths = _check_files(directory, body)
     checks = verify and body.get("checksum") != "none"
+    skeleton = from_json(body["tree"])
+    if into is not None:
+        return _load_into(directory, body, paths, skeleton, into, checks, strict, num_threads)
+    buffers = [torch.empty(st["nbytes"], dtype=torch.uint8) for st in body["storages"]]
+    _read_storages(body, paths, buffers, checks, num_threads)
+    storages = []
+    for st, buf in zip(body["storages"], buffers):
+        dev = _target_device(st.get("device", "cpu"), map_location)
+        storages.append(buf if dev.type == "cpu" else buf.to(dev))
+    tensors = []
+    for rec in body["tensors"]:
+        base = storages[rec["storage"]]
+        t = torch.empty(0, dtype=dtype_from_name(rec["dtype"]), device=base.device)
+        t.set_(base.untyped_storage(), rec["offset"], rec["shape"], rec["stride"])
+        if rec.get("param"):
+            t = torch.nn.Parameter(t, requires_grad=rec.get("requires_grad", True))
+        elif rec.get("requires_grad"):
+            t.requires_grad_(True)
+        tensors.append(t)
+    return unflatten(skeleton, tensors)
+
+
+def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optional[torch.Tensor]],
+                   checks: bool, num_threads: Optional[int]) -> None:
+    """Read every stored storage into ``buffers[sid]`` (CPU uint8), checking checksums."""
     owner = _chunk_owner(body)
     sums: dict[tuple[int, int], str] = {}
     for fi, f in enumerate(body["files"]):
         for (off, _n), digest in zip(f["chunks"], f.get("checksums") or []):
             sums[(fi, off)] = digest
-
-    buffers = [torch.empty(st["nbytes"], dtype=torch.uint8) for st in body["storages"]]
-    jobs = [(sid, part) for sid, st in enumerate(body["storages"]) for part in st["parts"]]
+    jobs = [(sid, part) for sid, st in enumerate(body["storages"]) for part in st["parts"]
+            if buffers[sid] is not None]
     fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
 
     def read_part(job: tuple[int, dict[str, Any]]) -> None:
@@ -127,8 +156,7 @@ def load(path: PathLike, map_location: MapLocation = None, *, verify: bool = Tru
 
     try:
         workers = num_threads or min(8, (os.cpu_count() or 1) + 2)
-        # Large parts first so the pool's threads end together.
-        jobs.sort(key=lambda j: -j[1]["nbytes"])
+        jobs.sort(key=lambda j: -j[1]["nbytes"])  # large parts first: threads end together
         if workers > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="zckpt-load") as ex:
                 for fut in [ex.submit(read_part, j) for j in jobs]:
@@ -143,21 +171,49 @@ def load(path: PathLike, map_location: MapLocation = None, *, verify: bool = Tru
         for fd in fds:
             os.close(fd)
 
-    storages = []
-    for st, buf in zip(body["storages"], buffers):
-        dev = _target_device(st.get("device", "cpu"), map_location)
-        storages.append(buf if dev.type == "cpu" else buf.to(dev))
-    tensors = []
-    for rec in body["tensors"]:
-        base = storages[rec["storage"]]
-        t = torch.empty(0, dtype=dtype_from_name(rec["dtype"]), device=base.device)
-        t.set_(base.untyped_storage(), rec["offset"], rec["shape"], rec["stride"])
-        if rec.get("param"):
-            t = torch.nn.Parameter(t, requires_grad=rec.get("requires_grad", True))
-        elif rec.get("requires_grad"):
-            t.requires_grad_(True)
-        tensors.append(t)
-    return unflatten(from_json(body["tree"]), tensors)
+
+def _load_into(directory: str, body: dict[str, Any], paths: list[str], skeleton: Any, into: Any,
+               checks: bool, strict: bool, num_threads: Optional[int]) -> Any:
+    _, named = flatten(into)
+    targets = dict(named)
+    recs = body["tensors"]
+    stored = {r["key"] for r in recs}
+    missing = sorted(stored - targets.keys())
+    unexpected = sorted(targets.keys() - stored)
+    if missing or (strict and unexpected):
+        raise KeyError(f"load(into=...) of {directory}: keys missing from `into`: {missing}; "
+                       f"keys not in the checkpoint: {unexpected}")
+    users: dict[int, list[dict[str, Any]]] = {}
+    for rec in recs:
+        t = targets[rec["key"]]
+        if list(t.shape) != rec["shape"] or dtype_name(t.dtype) != rec["dtype"]:
+            raise ValueError(f"load(into=...): {rec['key']!r} is {dtype_name(t.dtype)}{list(t.shape)} in `into` "
+                             f"but {rec['dtype']}{rec['shape']} in {directory}")
+        users.setdefault(rec["storage"], []).append(rec)
+    # Read straight into the target when it alone is the whole stored storage.
+    buffers: list[Optional[torch.Tensor]] = []
+    direct: dict[int, torch.Tensor] = {}
+    for sid, st in enumerate(body["storages"]):
+        recs_here = users.get(sid, [])
+        t = targets[recs_here[0]["key"]] if len(recs_here) == 1 else None
+        if (t is not None and t.device.type == "cpu" and t.is_contiguous() and recs_here[0]["offset"] == 0
+                and t.numel() * t.element_size() == st["nbytes"]):
+            buffers.append(t.detach().reshape(-1).view(torch.uint8) if st["nbytes"] else None)
+            direct[sid] = t
+        else:
+            buffers.append(torch.empty(st["nbytes"], dtype=torch.uint8) if recs_here else None)
+    _read_storages(body, paths, buffers, checks, num_threads)
+    with torch.no_grad():
+        for sid, recs_here in users.items():
+            if sid in direct:
+                continue
+            base = buffers[sid]
+            for rec in recs_here:
+                src = torch.empty(0, dtype=dtype_from_name(rec["dtype"]))
+                if base is not None:
+                    src.set_(base.untyped_storage(), rec["offset"], rec["shape"], rec["stride"])
+                targets[rec["key"]].copy_(src)
+    return unflatten(skeleton, [targets[r["key"]] for r in recs])
 
 
 def _verify_header(fd: int, path: str, frec: dict[str, Any]) -> None:

@@ -1,0 +1,117 @@
+"""Fan-out configs, mirrors, retention, and loading into existing tensors."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+import zckpt
+from zckpt import PoolConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "bench", "configs", "*.toml")))
+
+
+def test_there_are_example_configs():
+    names = {os.path.basename(c) for c in CONFIGS}
+    assert {"fanout-1.toml", "fanout-2.toml", "fanout-4.toml", "fanout-2-mirror.toml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_example_config_builds_a_working_pool(path, tmp_path):
+    cfg = PoolConfig.from_toml(path)
+    if cfg.mirrors:  # keep the test inside its own directory
+        cfg = cfg.replace(mirrors=tuple(str(tmp_path / f"mirror{i}") for i in range(len(cfg.mirrors))))
+    cfg = cfg.replace(fsync=False)
+    sd = {f"w{i}": torch.randn(128, 64) for i in range(8)}
+    pool = zckpt.CheckpointPool(config=cfg)
+    try:
+        assert len(pool.worker_pids) == cfg.num_workers
+        pool.save(sd, tmp_path / "main" / "step-1").result(timeout=60)
+    finally:
+        pool.kill()
+    shards = [p for p in os.listdir(tmp_path / "main" / "step-1") if p.endswith(".safetensors")]
+    assert len(shards) == cfg.num_workers
+    for root in [tmp_path / "main"] + [tmp_path / f"mirror{i}" for i in range(len(cfg.mirrors))]:
+        back = zckpt.load(root / "step-1")
+        assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_num_workers_argument_overrides_config(make_pool):
+    pool = make_pool(num_workers=3, config=PoolConfig(num_workers=1, fsync=False))
+    assert len(pool.worker_pids) == 3 and pool.config.num_workers == 3
+
+
+def test_mirrors_commit_the_same_checkpoint_twice(make_pool, tmp_path):
+    mirror = tmp_path / "mirror"
+    pool = make_pool(config=PoolConfig(num_workers=2, fsync=False, mirrors=(str(mirror),)))
+    pool.save({"a": torch.arange(10)}, tmp_path / "main" / "step-1").result(timeout=60)
+    for root in (tmp_path / "main", mirror):
+        assert zckpt.latest(root) == str(root / "step-1")
+        zckpt.verify(root / "step-1")
+    with pytest.raises(FileExistsError, match="mirror"):  # refused if the mirror already has it
+        os.rename(tmp_path / "main" / "step-1", tmp_path / "main" / "moved")
+        pool.save({"a": torch.arange(10)}, tmp_path / "main" / "step-1")
+
+
+def test_retention_keeps_the_newest_and_ignores_uncommitted(make_pool, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "step-0").mkdir()                             # uncommitted: never touched
+    (root / "notes.txt").write_text("keep me")
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, keep_last=2))
+    for step in range(1, 6):
+        pool.save({"s": torch.tensor(step)}, root / f"step-{step}").result(timeout=60)
+    assert sorted(os.listdir(root)) == ["notes.txt", "step-0", "step-4", "step-5"]
+    assert zckpt.load(zckpt.latest(root))["s"].item() == 5
+
+
+def test_load_into_fills_existing_tensors_in_place(make_pool, tmp_path):
+    pool = make_pool(num_workers=2)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 32)).sum().backward()
+    opt.step()
+    saved = {"model": model.state_dict(), "opt": opt.state_dict(), "step": 9}
+    pool.save(saved, tmp_path / "c").result(timeout=60)
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 4))
+    target = {"model": fresh.state_dict(), "opt": saved["opt"], "step": 0}
+    target["opt"] = {"state": {i: {"momentum_buffer": torch.zeros_like(v["momentum_buffer"])}
+                               for i, v in saved["opt"]["state"].items()},
+                     "param_groups": saved["opt"]["param_groups"]}
+    ptrs = {k: v.data_ptr() for k, v in target["model"].items()}
+    out = zckpt.load(tmp_path / "c", into=target)
+    for k, v in fresh.state_dict().items():
+        assert v.data_ptr() == ptrs[k]  # same memory, filled in place
+        assert torch.equal(v, saved["model"][k])
+    assert out["step"] == 9 and out["model"]["0.weight"] is target["model"]["0.weight"]
+    assert torch.equal(target["opt"]["state"][0]["momentum_buffer"], saved["opt"]["state"][0]["momentum_buffer"])
+
+
+def test_load_into_handles_views_and_ties(make_pool, tmp_path):
+    pool = make_pool(num_workers=1)
+    w = torch.randn(6, 6)
+    pool.save({"w": w, "tied": w, "t": w.t()}, tmp_path / "c").result(timeout=60)
+    a = torch.zeros(6, 6)
+    target = {"w": a, "tied": a, "t": torch.zeros(6, 6)}
+    zckpt.load(tmp_path / "c", into=target)
+    assert torch.equal(a, w) and torch.equal(target["t"], w.t())
+
+
+def test_load_into_mismatches_are_named(make_pool, tmp_path):
+    pool = make_pool(num_workers=1)
+    pool.save({"a": torch.ones(3), "b": torch.ones(2)}, tmp_path / "c").result(timeout=60)
+    with pytest.raises(ValueError, match=r"'a' is float32\[4\].*float32\[3\]"):
+        zckpt.load(tmp_path / "c", into={"a": torch.ones(4), "b": torch.ones(2)})
+    with pytest.raises(KeyError, match="missing from `into`: \\['b'\\]"):
+        zckpt.load(tmp_path / "c", into={"a": torch.ones(3)})
+    with pytest.raises(KeyError, match="not in the checkpoint: \\['z'\\]"):
+        zckpt.load(tmp_path / "c", into={"a": torch.ones(3), "b": torch.ones(2), "z": torch.ones(1)})
+    out = zckpt.load(tmp_path / "c", into={"a": torch.ones(3), "b": torch.ones(2), "z": torch.ones(1)},
+                     strict=False)
+    assert torch.equal(out["a"], torch.ones(3))
