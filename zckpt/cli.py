@@ -1,0 +1,107 @@
+"""The ``zckpt`` command line: inspect, verify, latest, bench.
+
+    zckpt inspect PATH     tensors, dtypes, sizes, files, which worker wrote what
+    zckpt verify PATH      re-read and check every byte; exit 0 if intact, 1 if not
+    zckpt latest ROOT      print the newest committed checkpoint under ROOT (exit 1: none)
+    zckpt bench [ARGS]     run bench/throughput.py from a source checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from typing import Optional
+
+from .commit import latest
+from .errors import CorruptCheckpointError
+from .format import read_manifest
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _inspect(path: str) -> int:
+    body = read_manifest(path)
+    files = body["files"]
+    total = sum(st["nbytes"] for st in body["storages"])
+    print(f"{path}: zckpt format v{body['version']}, {len(body['tensors'])} tensors in "
+          f"{len(body['storages'])} storages, {_human(total)} in {len(files)} files, "
+          f"checksum {body.get('checksum')}, torch {body.get('torch_version', '?')}")
+    if body.get("metadata") is not None:
+        print(f"metadata: {body['metadata']}")
+    print("\nfiles:")
+    for f in files:
+        timing = ""
+        if f.get("write_s"):
+            timing = f"  write {f['write_s']:.3f}s ({f['nbytes'] / f['write_s'] / 1e9:.2f} GB/s), hash {f['hash_s']:.3f}s"
+        print(f"  {f['name']:<40} {_human(f['nbytes']):>10}  worker {f['worker']}{timing}")
+    print("\ntensors:")
+    for t in body["tensors"]:
+        st = body["storages"][t["storage"]]
+        where = ", ".join(f"{files[p['file']]['name']}@{p['offset']}" for p in st["parts"]) or "(empty)"
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        print(f"  {t['key']:<40} {t['dtype']:<14} {shape:<16} storage {t['storage']:<4} {where}")
+    return 0
+
+
+def _verify(path: str) -> int:
+    from .reader import verify
+    try:
+        summary = verify(path)
+    except (CorruptCheckpointError, FileNotFoundError) as exc:
+        print(f"CORRUPT: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK: {path}: {summary['files']} files, {summary['tensors']} tensors, "
+          f"{_human(summary['bytes_checked'])} checked")
+    return 0
+
+
+def _bench(args: list[str]) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(os.path.dirname(here), "bench", "throughput.py")
+    if not os.path.exists(script):
+        print("zckpt bench needs a source checkout (bench/throughput.py was not found)", file=sys.stderr)
+        return 2
+    sys.argv = [script] + args
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``zckpt`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    ap = argparse.ArgumentParser(prog="zckpt", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("inspect", help="list tensors, files and writers").add_argument("path")
+    sub.add_parser("verify", help="check every byte against the manifest").add_argument("path")
+    sub.add_parser("latest", help="newest committed checkpoint under ROOT").add_argument("root")
+    sub.add_parser("bench", help="run bench/throughput.py (source checkout)")
+    args = ap.parse_args(argv)
+    if args.cmd == "inspect":
+        try:
+            return _inspect(args.path)
+        except (CorruptCheckpointError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.cmd == "verify":
+        return _verify(args.path)
+    found = latest(args.root)
+    if found is None:
+        print(f"no committed checkpoint under {args.root}", file=sys.stderr)
+        return 1
+    print(found)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
