@@ -17,10 +17,12 @@ trainer SIGKILLed              any          workers exit, no shared memory left
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -224,3 +226,23 @@ def test_workers_exit_when_the_trainer_dies(tmp_path, sig):
         trainer.wait(timeout=30)
     zckpt.verify(tmp_path / "ck")  # what was committed before the crash is intact
     assert not [n for n in os.listdir("/dev/shm") if "zckpt" in n or str(trainer.pid) in n]
+    # The trainer could not remove its socket directory; its orphaned workers did.
+    wait_until(lambda: not glob.glob(os.path.join(tempfile.gettempdir(), f"zckpt-{trainer.pid}-*")), 10,
+               "the dead trainer's socket directory to be removed")
+
+
+def test_workers_ignore_ctrl_c(make_pool, tmp_path):
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST))
+    pids = pool.worker_pids
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
+    pool.save({"a": torch.ones(3), "b": torch.ones(3)}, tmp_path / "c").result(timeout=60)
+    assert pool.worker_pids == pids and pool.stats.worker_restarts == 0
+
+
+def test_stale_socket_directories_are_swept(tmp_path):
+    stale = os.path.join(tempfile.gettempdir(), "zckpt-999999-stale")
+    os.makedirs(stale, exist_ok=True)
+    pool = zckpt.CheckpointPool(num_workers=1, config=PoolConfig(**FAST))
+    pool.close()
+    assert not os.path.exists(stale)

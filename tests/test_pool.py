@@ -33,7 +33,8 @@ def sample_state() -> dict:
         "dtypes": {str(dt): (torch.rand(5) * 10).to(dt) for dt in (
             torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
             torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-            torch.float8_e4m3fn, torch.float8_e5m2)},
+            torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+            torch.uint16, torch.uint32, torch.uint64)},
         "scalar": torch.tensor(3.5), "empty": torch.empty(0, 3), "noncontig": base.t(),
         "slice": base[1:3, ::2], "strided": torch.arange(100)[::7],
     }

@@ -38,3 +38,38 @@ def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
     except PermissionError:  # pid reused by another user's process: not ours to kill
         logger.debug("not allowed to signal pid %d", pid)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def sweep_stale_ipc_dirs(tmpdir: str) -> list[str]:
+    """Remove ``zckpt-<pid>-*`` socket directories of trainers that no longer run.
+
+    A trainer killed together with its workers (OOM killer, cgroup kill) leaves its
+    directory behind; the next pool on the machine removes it.
+    """
+    import shutil
+    removed = []
+    try:
+        names = os.listdir(tmpdir)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) >= 3 and parts[0] == "zckpt" and parts[1].isdigit():
+            pid = int(parts[1])
+            path = os.path.join(tmpdir, name)
+            if pid != os.getpid() and not pid_alive(pid) and os.path.isdir(path) \
+                    and os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                logger.info("removed stale socket directory %s", path)
+    return removed

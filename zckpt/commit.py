@@ -17,6 +17,7 @@ import shutil
 import uuid
 from typing import Any, Optional, Union
 
+from ._proc import pid_alive
 from .format import MANIFEST_NAME, write_manifest
 
 __all__ = ["temp_dir_for", "is_temp_dir", "fsync_dir", "commit_dir", "latest", "committed",
@@ -129,16 +130,6 @@ def apply_retention(root: str, keep_last: int, protect: Optional[str] = None) ->
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_temp_dirs(root: str) -> list[str]:
     """Remove temp directories under ``root`` left by trainers that no longer run."""
     try:
@@ -148,7 +139,7 @@ def sweep_temp_dirs(root: str) -> list[str]:
     removed = []
     for name in names:
         m = _TMP_RE.search(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             path = os.path.join(root, name)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -93,30 +92,25 @@ class SavePlan:
         return sum(s.nbytes for s in self.storages)
 
 
-def _storage_key(t: torch.Tensor) -> Optional[tuple[str, int]]:
-    st = t.untyped_storage()
-    if st.nbytes() == 0:
-        return None  # empty storages share null pointers; each gets its own entry
-    return (str(t.device), st.data_ptr())
-
-
 def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[StorageInfo], list[TensorInfo]]:
     """Group tensors by the storage they view, in first-seen order."""
     storages: list[StorageInfo] = []
     by_key: dict[tuple[str, int], int] = {}
     infos: list[TensorInfo] = []
     for key, t in tensors:
-        skey = _storage_key(t)
+        st = t.untyped_storage()
+        nbytes = st.nbytes()
+        # Empty storages share null pointers: each gets its own entry.
+        skey = (str(t.device), st.data_ptr()) if nbytes else None
         sid = by_key.get(skey) if skey is not None else None
         if sid is None:
             sid = len(storages)
             if skey is not None:
                 by_key[skey] = sid
-            nbytes = t.untyped_storage().nbytes()
-            itemsize = t.element_size()
-            covers = (t.is_contiguous() and t.storage_offset() == 0 and t.numel() * itemsize == nbytes)
+            itemsize = t.dtype.itemsize
+            covers = t.storage_offset() == 0 and t.numel() * itemsize == nbytes and t.is_contiguous()
             dtype = t.dtype if nbytes % itemsize == 0 else torch.uint8
-            shape = list(t.shape) if covers else [nbytes // (itemsize if dtype == t.dtype else 1)]
+            shape = list(t.shape) if covers else [nbytes // dtype.itemsize]
             storages.append(StorageInfo(sid, nbytes, dtype, key, shape, t))
         infos.append(TensorInfo(
             key=key, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
@@ -127,7 +121,7 @@ def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[Stor
 
 
 def _cut(st: StorageInfo, max_piece: int) -> list[Piece]:
-    itemsize = torch.empty(0, dtype=st.dtype).element_size()
+    itemsize = st.dtype.itemsize
     code = safetensors_code(st.dtype)
     if code is None:  # dtype unknown to safetensors: raw bytes, real dtype in manifest
         code, unit = "U8", 1

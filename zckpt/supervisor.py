@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from . import protocol as P
-from ._proc import kill_quietly, open_pidfd
+from ._proc import kill_quietly, open_pidfd, sweep_stale_ipc_dirs
 from .config import PoolConfig
 from .errors import PoolClosedError, WorkerDiedError, WorkerInitError, describe_exit, unpack_exception
 
@@ -112,6 +112,7 @@ class Supervisor(threading.Thread):
         self._commands: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Private 0700 directory: unpickling runs code, so only our user may connect.
+        sweep_stale_ipc_dirs(tempfile.gettempdir())
         self._ipc_dir = tempfile.mkdtemp(prefix=f"zckpt-{os.getpid()}-")
         os.chmod(self._ipc_dir, 0o700)
         self.endpoint = f"ipc://{self._ipc_dir}/ctl"

@@ -77,6 +77,10 @@ def _map_container(node: Any, path: tuple[Any, ...], visit: Callable[[Any, tuple
 
 
 def _check_storable(t: torch.Tensor, path: tuple[Any, ...]) -> None:
+    # On the trainer's hot path: cheap checks first, the key path only on error.
+    if t.layout is torch.strided and not t.is_quantized and type(t) in _PLAIN and t.device.type != "meta" \
+            and not t.is_nested:
+        return
     where = key_path(path)
     if t.layout != torch.strided:
         raise TypeError(f"tensor {where!r} has layout {t.layout}; zckpt stores strided tensors only "
@@ -85,12 +89,14 @@ def _check_storable(t: torch.Tensor, path: tuple[Any, ...]) -> None:
         raise TypeError(f"tensor {where!r} is quantized; zckpt does not store quantized tensors")
     if t.device.type == "meta":
         raise TypeError(f"tensor {where!r} is on the meta device and has no data to save")
-    if getattr(t, "is_nested", False):
+    if t.is_nested:
         raise TypeError(f"tensor {where!r} is a nested tensor; zckpt does not store those")
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        # DTensor, FakeTensor, functional wrappers: their storage is not their data.
-        raise TypeError(f"tensor {where!r} is a {type(t).__name__}; zckpt stores plain tensors "
-                        "and Parameters (convert subclasses, e.g. DTensor.to_local())")
+    # DTensor, FakeTensor, functional wrappers: their storage is not their data.
+    raise TypeError(f"tensor {where!r} is a {type(t).__name__}; zckpt stores plain tensors "
+                    "and Parameters (convert subclasses, e.g. DTensor.to_local())")
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def unflatten(skeleton: Any, tensors: list[Any]) -> Any:

@@ -24,6 +24,7 @@ import faulthandler
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -41,6 +42,25 @@ from .writers import default_writer_factory, map_segment
 logger = logging.getLogger(__name__)
 
 EXIT_ORPHANED = 70
+
+
+def _exit_orphaned(endpoint: str, parent_pid: int, why: str, settle_s: float = 0.0) -> None:
+    """The trainer is gone: remove its socket directory (it cannot) and exit now.
+
+    Only when the parent really changed: a worker sent SIGTERM by hand while the
+    trainer lives must not delete the trainer's live socket. The parent-death signal
+    can arrive while the dying trainer's other threads still hold its pid, so wait up
+    to ``settle_s`` for the reparenting to show.
+    """
+    deadline = time.monotonic() + settle_s
+    while os.getppid() == parent_pid and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if os.getppid() != parent_pid:
+        ipc_dir = os.path.dirname(endpoint[len("ipc://"):])
+        if os.path.basename(ipc_dir).startswith(f"zckpt-{parent_pid}-"):
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+    logger.error("%s; worker exits", why)
+    os._exit(EXIT_ORPHANED)
 
 
 class _Heartbeat(threading.Thread):
@@ -79,12 +99,10 @@ class _Heartbeat(threading.Thread):
                         sock.recv_multipart()
                     last_heard = time.monotonic()
                 if os.getppid() != self._parent_pid:
-                    logger.error("trainer (pid %d) is gone; worker exits", self._parent_pid)
-                    os._exit(EXIT_ORPHANED)
+                    _exit_orphaned(self._endpoint, self._parent_pid, f"trainer (pid {self._parent_pid}) is gone")
                 if time.monotonic() - last_heard > self._orphan_timeout_s:
-                    logger.error("no heartbeat from the trainer for %.1fs; worker exits",
-                                 time.monotonic() - last_heard)
-                    os._exit(EXIT_ORPHANED)
+                    _exit_orphaned(self._endpoint, self._parent_pid,
+                                   f"no heartbeat from the trainer for {time.monotonic() - last_heard:.1f}s")
         finally:
             sock.close(linger=0)
 
@@ -295,9 +313,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     endpoint, slot, generation, parent_pid = args[0], int(args[1]), int(args[2]), int(args[3])
     hb_s, orphan_s = float(args[4]), float(args[5])
     faulthandler.enable()  # a crash leaves a stack on stderr
-    set_parent_death_signal(signal.SIGKILL)
+    # Ctrl-C reaches the whole process group: the trainer decides what happens (it may
+    # want to save one last checkpoint), so workers ignore SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The trainer's death (even by SIGKILL) sends SIGTERM here; the handler removes the
+    # trainer's socket directory and exits. The heartbeat thread's getppid() check
+    # covers a main thread stuck in a long system call.
+    signal.signal(signal.SIGTERM, lambda *_: _exit_orphaned(endpoint, parent_pid, "received SIGTERM", settle_s=2.0))
+    set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent_pid:  # the trainer died before the signal was armed
-        return EXIT_ORPHANED
+        _exit_orphaned(endpoint, parent_pid, "trainer died before the worker started")
     logging.basicConfig(
         level=logging.WARNING,
         format=f"zckpt-worker[slot={slot} gen={generation} pid=%(process)d] %(levelname)s %(name)s: %(message)s",
