@@ -57,7 +57,7 @@ def sweep_stale_ipc_dirs(tmpdir: str) -> list[str]:
     directory behind; the next pool on the machine removes it.
     """
     import shutil
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(tmpdir)
     except OSError:

@@ -50,7 +50,7 @@ class Segment:
             except OSError as exc:
                 raise MemoryError(f"cannot reserve {nbytes} bytes of shared memory for staging: {exc}") from exc
             storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{self.fd}", shared=True, nbytes=nbytes)
-            self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
             self.tensor.fill_(0)  # touch every page once: later copies run at memcpy speed
         except BaseException:
             os.close(self.fd)

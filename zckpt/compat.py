@@ -365,7 +365,7 @@ class CheckpointProcess:
         # The supervisor lets the write in flight finish, then sends TERMINATE; past the
         # deadline it kills (the original waits for the write forever).
         proc = self.process.processes[0] if self.process else None
-        if proc is not None and proc.is_alive():
+        if self.process is not None and proc is not None and proc.is_alive():
             pool._supervisor.shutdown(deadline)
             if not self.process.join(timeout=max(0.0, deadline - time.monotonic())):
                 logger.warning("checkpoint process (pid %s) did not exit within %gs; killing it", proc.pid, limit)

@@ -63,10 +63,10 @@ def pack_exception(exc: BaseException) -> tuple[Optional[bytes], str]:
     """Turn an exception into what a worker sends: (pickled exception or None, text)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        blob: Optional[bytes] = pickle.dumps(exc)
+        blob = pickle.dumps(exc)
         pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt
     except Exception:
-        blob = None
+        return None, text
     return blob, text
 
 

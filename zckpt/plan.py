@@ -114,7 +114,7 @@ def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[Stor
             storages.append(StorageInfo(sid, nbytes, dtype, key, shape, t))
         infos.append(TensorInfo(
             key=key, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
-            storage_offset=t.storage_offset(), is_param=isinstance(t, torch.nn.Parameter),
+            storage_offset=int(t.storage_offset()), is_param=isinstance(t, torch.nn.Parameter),
             requires_grad=t.requires_grad,
         ))
     return storages, infos

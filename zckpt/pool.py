@@ -26,6 +26,7 @@ Who talks to whom::
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import threading
@@ -293,7 +294,7 @@ class CheckpointPool:
             msg = P.WriteFiles(job_id=sid, dirs=tmp_dirs, files=[task], live_keys=live, kwargs=writer_kwargs)
             self._supervisor.submit(ShardJob(
                 slot=i, message=msg, deadline=deadline, describe=f"{task.name} of {final}",
-                on_done=lambda res, exc, save=save, i=i: self._shard_done(save, i, res, exc)))
+                on_done=functools.partial(self._shard_done, save, i)))
         return fut
 
     def close(self, timeout_s: Optional[float] = None) -> None:

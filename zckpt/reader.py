@@ -111,10 +111,12 @@ def load(path: PathLike, map_location: MapLocation = None, *, verify: bool = Tru
     skeleton = from_json(body["tree"])
     if into is not None:
         return _load_into(directory, body, paths, skeleton, into, checks, strict, num_threads)
-    buffers = [torch.empty(st["nbytes"], dtype=torch.uint8) for st in body["storages"]]
+    buffers: list[Optional[torch.Tensor]] = [torch.empty(st["nbytes"], dtype=torch.uint8)
+                                             for st in body["storages"]]
     _read_storages(body, paths, buffers, checks, num_threads)
     storages = []
     for st, buf in zip(body["storages"], buffers):
+        assert buf is not None
         dev = _target_device(st.get("device", "cpu"), map_location)
         storages.append(buf if dev.type == "cpu" else buf.to(dev))
     tensors = []
@@ -145,7 +147,9 @@ def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optiona
     def read_part(job: tuple[int, dict[str, Any]]) -> None:
         sid, part = job
         fi, off, n = part["file"], part["offset"], part["nbytes"]
-        with _writable_view(buffers[sid]) as whole, whole[part["start"]: part["start"] + n] as view:
+        buf = buffers[sid]
+        assert buf is not None
+        with _writable_view(buf) as whole, whole[part["start"]: part["start"] + n] as view:
             _read_exact(fds[fi], view, off, paths[fi])
             if checks:
                 want = sums.get((fi, off))
@@ -175,7 +179,7 @@ def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optiona
 def _load_into(directory: str, body: dict[str, Any], paths: list[str], skeleton: Any, into: Any,
                checks: bool, strict: bool, num_threads: Optional[int]) -> Any:
     _, named = flatten(into)
-    targets = dict(named)
+    targets: dict[str, torch.Tensor] = dict(named)
     recs = body["tensors"]
     stored = {r["key"] for r in recs}
     missing = sorted(stored - targets.keys())
@@ -195,11 +199,11 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], skeleton:
     direct: dict[int, torch.Tensor] = {}
     for sid, st in enumerate(body["storages"]):
         recs_here = users.get(sid, [])
-        t = targets[recs_here[0]["key"]] if len(recs_here) == 1 else None
-        if (t is not None and t.device.type == "cpu" and t.is_contiguous() and recs_here[0]["offset"] == 0
-                and t.numel() * t.element_size() == st["nbytes"]):
-            buffers.append(t.detach().reshape(-1).view(torch.uint8) if st["nbytes"] else None)
-            direct[sid] = t
+        only = targets[recs_here[0]["key"]] if len(recs_here) == 1 else None
+        if (only is not None and only.device.type == "cpu" and only.is_contiguous()
+                and recs_here[0]["offset"] == 0 and only.numel() * only.element_size() == st["nbytes"]):
+            buffers.append(only.detach().reshape(-1).view(torch.uint8) if st["nbytes"] else None)
+            direct[sid] = only
         else:
             buffers.append(torch.empty(st["nbytes"], dtype=torch.uint8) if recs_here else None)
     _read_storages(body, paths, buffers, checks, num_threads)

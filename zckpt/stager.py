@@ -116,7 +116,7 @@ def stage_state(tensors: list[torch.Tensor], offsets: list[int], segment: Option
                     copied.add(off)
                 ref, byte_offset, cacheable = segment.ref(), off, True
             specs.append(TensorSpec(ref, byte_offset, st.nbytes(), dtype_name(t.dtype), tuple(t.shape),
-                                    tuple(t.stride()), t.storage_offset(), sid, cacheable))
+                                    tuple(t.stride()), int(t.storage_offset()), sid, cacheable))
         if device_stager is not None:
             device_stager.wait()
     return specs

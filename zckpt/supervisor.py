@@ -361,10 +361,11 @@ class Supervisor(threading.Thread):
                 return
             identity, rest = frames[0], frames[1:]
             parsed = P.parse_id(identity)
-            slot = self._slots[parsed[1]] if parsed and 0 <= parsed[1] < len(self._slots) else None
-            if slot is None or parsed[2] != slot.generation:
+            if parsed is None or not 0 <= parsed[1] < len(self._slots) \
+                    or parsed[2] != self._slots[parsed[1]].generation:
                 logger.debug("dropping message from unknown or stale peer %r", identity)
                 continue
+            slot = self._slots[parsed[1]]
             try:
                 kind, body = P.decode(rest)
             except P.ProtocolError as exc:

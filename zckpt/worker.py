@@ -269,7 +269,7 @@ class Worker:
                     spec.segment.path, shared=True, nbytes=spec.segment.nbytes)
             itemsize = torch.empty(0, dtype=dtype).element_size()
             t = torch.empty(0, dtype=dtype)
-            t.set_(storage, spec.byte_offset // itemsize + spec.storage_offset, spec.shape, spec.stride)
+            t.set_(storage, spec.byte_offset // itemsize + spec.storage_offset, spec.shape, spec.stride)  # type: ignore[arg-type]
             tensors.append(t)
         state_dict = unflatten(skeleton, tensors)
         self.writer.write(path=job.path, state_dict=state_dict, **job.kwargs)
