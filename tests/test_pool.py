@@ -308,3 +308,37 @@ def test_pickled_checkpoint_tree_uses_no_tensor_pickles(make_pool, tmp_path):
     assert len(raw) < 4096  # tensor bytes live in the shards, not the manifest
     assert b"pickle" not in raw
     assert pickle  # noqa: B018 (imported for the parametrised cases above)
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_direct_and_buffered_writes_round_trip(make_pool, tmp_path, direct_io):
+    # 3 MiB + 5 bytes: an O_DIRECT bulk and an unaligned tail written through the page cache
+    pool = make_pool(config=PoolConfig(num_workers=2, fsync=True, direct_io=direct_io))
+    sd = {"big": torch.randint(0, 255, (3 * 2**20 + 5,), dtype=torch.uint8), "f": torch.randn(1000)}
+    pool.save(sd, tmp_path / "c").result(timeout=60)
+    zckpt.verify(tmp_path / "c")
+    back = zckpt.load(tmp_path / "c")
+    assert torch.equal(back["big"], sd["big"]) and torch.equal(back["f"], sd["f"])
+
+
+def test_direct_io_falls_back_where_refused(tmp_path, monkeypatch):
+    import errno
+    from zckpt.writers import LocalFileWriter
+    real_open = os.open
+    refused = []
+
+    def no_direct(path, flags, *args):  # a file system without O_DIRECT says EINVAL
+        if flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    data = memoryview(bytes(range(256)) * 64)
+    writer = LocalFileWriter(fsync=True, direct_io=True)
+    seen: list = []
+    for name in ("a", "b"):
+        writer.write_file(str(tmp_path / name), data, progress=seen.append)
+        assert (tmp_path / name).read_bytes() == bytes(data)
+    assert len(refused) == 1  # remembered per file system: not retried for "b"
+    assert sum(seen) == 2 * len(data)

@@ -59,7 +59,9 @@ class PoolConfig:
         fsync: Make files and directories durable before commit. Turn off only for
             throwaway data (tests on tmpfs).
         direct_io: Write shard files with ``O_DIRECT`` from the page-aligned arena where
-            the file system supports it (falls back to buffered writes otherwise).
+            the file system supports it (falls back to buffered writes otherwise, e.g.
+            on tmpfs). Skips the copy into the page cache: measured 0.66-0.74 s vs
+            0.84-1.7 s for a durable 1 GiB save with 2 writers here.
         mirrors: Extra root directories: each save is also committed under every mirror
             root, with the same relative layout (e.g. local NVMe + a second disk).
         keep_last: After each commit, delete all but the newest ``keep_last`` committed
@@ -80,7 +82,7 @@ class PoolConfig:
     write_chunk_bytes: int = 64 * _MiB
     checksum: str = "xxh3_64"
     fsync: bool = True
-    direct_io: bool = False
+    direct_io: bool = True
     mirrors: tuple[str, ...] = field(default_factory=tuple)
     keep_last: Optional[int] = None
 

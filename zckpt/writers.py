@@ -47,7 +47,7 @@ class LocalFileWriter:
             refuses it (tmpfs does).
     """
 
-    def __init__(self, chunk_bytes: int = 64 << 20, fsync: bool = True, direct_io: bool = False) -> None:
+    def __init__(self, chunk_bytes: int = 64 << 20, fsync: bool = True, direct_io: bool = True) -> None:
         self.chunk_bytes = chunk_bytes
         self.fsync = fsync
         self.direct_io = direct_io
