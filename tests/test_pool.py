@@ -342,3 +342,48 @@ def test_direct_io_falls_back_where_refused(tmp_path, monkeypatch):
         assert (tmp_path / name).read_bytes() == bytes(data)
     assert len(refused) == 1  # remembered per file system: not retried for "b"
     assert sum(seen) == 2 * len(data)
+
+
+def test_reserve_makes_the_first_save_allocate_nothing(make_pool, tmp_path):
+    pool = make_pool(config=PoolConfig(num_workers=2, fsync=False, staging_buffers=2))
+    sd = {f"w{i}": torch.randn(128, 128) for i in range(6)}
+    assert pool.stats.arena_allocations == 0
+    pool.reserve(sd)
+    reserved = pool.stats
+    assert reserved.arena_allocations == 4  # 2 buffer sets x 2 shards, pre-faulted
+    for i in range(3):
+        pool.save(sd, tmp_path / f"s{i}").result(timeout=60)
+    assert pool.stats.arena_allocations == reserved.arena_allocations
+    assert pool.stats.arena_nbytes == reserved.arena_nbytes
+
+
+def test_async_staging_returns_before_the_copy_and_keeps_the_snapshot(make_pool, tmp_path):
+    pool = make_pool(config=PoolConfig(num_workers=2, fsync=False, async_staging=True))
+    sd = {f"w{i}": torch.full((256, 256), float(i)) for i in range(8)}
+    expected = {k: v.clone() for k, v in sd.items()}
+    fut = pool.save(sd, tmp_path / "c")
+    fut.staged.result(timeout=60)  # the contract: wait for staged before mutating
+    for v in sd.values():
+        v.add_(1.0)
+    fut.result(timeout=60)
+    assert fut.timings["blocked_s"] <= fut.timings["staged_s"]
+    back = zckpt.load(tmp_path / "c")
+    assert all(torch.equal(back[k], expected[k]) for k in sd)
+
+
+def test_async_staging_failure_fails_both_futures(make_pool, tmp_path, monkeypatch):
+    import zckpt.pool as pool_module
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, async_staging=True))
+
+    def broken_stage(plan, bufset):
+        raise MemoryError("simulated: cannot copy")
+
+    monkeypatch.setattr(pool_module, "stage_files", broken_stage)
+    fut = pool.save({"a": torch.ones(3)}, tmp_path / "root" / "c")
+    with pytest.raises(MemoryError):
+        fut.staged.result(timeout=30)
+    with pytest.raises(MemoryError):
+        fut.result(timeout=30)
+    assert os.listdir(tmp_path / "root") == []
+    monkeypatch.undo()
+    pool.save({"a": torch.ones(3)}, tmp_path / "root" / "d").result(timeout=60)

@@ -141,8 +141,10 @@ class Arena:
                 with self._cond:
                     key = f"{self._name}-{self._next_id}"
                     self._next_id += 1
-                # 1/8 headroom so a state dict that grows a little does not reallocate.
-                nbytes = _round_up(need + need // 8, _ROUND)
+                # The first allocation is exact (RSS overhead stays at 1x the state dict);
+                # a regrowth adds 1/8 so a state dict that keeps growing reallocates rarely.
+                regrow = i < len(bufset.segments)
+                nbytes = _round_up(need + (need // 8 if regrow else 0), _ROUND)
                 t0 = time.perf_counter()
                 seg = Segment(key, nbytes)
                 logger.info("arena %s: allocated segment %s of %.1f MiB in %.3fs",
@@ -158,6 +160,10 @@ class Arena:
                 from ._cuda import register_host
                 register_host(seg.tensor)
                 seg.pinned = True
+
+    def all_segments(self) -> list[Segment]:
+        with self._cond:
+            return [seg for s in self._sets for seg in s.segments]
 
     def release(self, bufset: BufferSet) -> None:
         with self._cond:

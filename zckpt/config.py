@@ -54,6 +54,9 @@ class PoolConfig:
         staging_buffers: Sets of staging buffers. 1 bounds shared memory to one copy of
             the state dict (a save waits for the previous one to be written); 2 lets
             save N+1 stage while save N is written, at twice the memory.
+        async_staging: ``save()`` returns after planning (a few ms) and the copy into
+            shared memory runs on a background thread; ``fut.staged`` resolves when
+            it is done, and the caller must wait for it before mutating its tensors.
         write_chunk_bytes: Size of each ``write`` call a worker makes.
         checksum: ``"xxh3_64"`` (verified on load) or ``"none"``.
         fsync: Make files and directories durable before commit. Turn off only for
@@ -79,6 +82,7 @@ class PoolConfig:
     save_timeout_s: float = 3600.0
     replace_dead_workers: bool = True
     staging_buffers: int = 1
+    async_staging: bool = False
     write_chunk_bytes: int = 64 * _MiB
     checksum: str = "xxh3_64"
     fsync: bool = True
@@ -102,7 +106,7 @@ class PoolConfig:
             raise ValueError(f"PoolConfig.split must be one of {SPLIT_STRATEGIES}, got {self.split!r}")
         if self.checksum not in ("xxh3_64", "none"):
             raise ValueError(f"PoolConfig.checksum must be 'xxh3_64' or 'none', got {self.checksum!r}")
-        for name in ("split_large_tensors", "fsync", "direct_io", "replace_dead_workers"):
+        for name in ("split_large_tensors", "fsync", "direct_io", "replace_dead_workers", "async_staging"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PoolConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.keep_last is not None:

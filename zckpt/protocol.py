@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "Kind", "ProtocolError", "Hello", "InitRequest", "ErrorReport", "Heartbeat",
-    "SegmentRef", "FileTask", "WriteFiles", "TensorSpec", "WriteState", "FileResult",
+    "SegmentRef", "FileTask", "WriteFiles", "TensorSpec", "WriteState", "MapSegments", "FileResult",
     "JobResult", "Empty", "encode", "decode", "command_id", "heartbeat_id", "parse_id",
 ]
 
@@ -143,6 +143,15 @@ class WriteState:
 
 
 @dataclass(frozen=True)
+class MapSegments:
+    """Map (and populate) these segments now, so the first real save pays nothing."""
+
+    job_id: int
+    segments: list[SegmentRef]
+    live_keys: list[str]
+
+
+@dataclass(frozen=True)
 class FileResult:
     name: str
     nbytes: int
@@ -157,14 +166,14 @@ class JobResult:
     files: list[FileResult]
 
 
-Body = Union[Empty, Hello, InitRequest, ErrorReport, Heartbeat, WriteFiles, WriteState, JobResult]
+Body = Union[Empty, Hello, InitRequest, ErrorReport, Heartbeat, WriteFiles, WriteState, MapSegments, JobResult]
 
 _BODY_TYPES: dict[Kind, tuple[type, ...]] = {
     Kind.HELLO: (Hello,),
     Kind.INIT: (InitRequest,),
     Kind.INIT_OK: (Empty,),
     Kind.INIT_FAILED: (ErrorReport,),
-    Kind.WRITE: (WriteFiles, WriteState),
+    Kind.WRITE: (WriteFiles, WriteState, MapSegments),
     Kind.DONE: (JobResult,),
     Kind.FAILED: (ErrorReport,),
     Kind.HEARTBEAT: (Heartbeat,),

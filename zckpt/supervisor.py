@@ -128,6 +128,7 @@ class Supervisor(threading.Thread):
         self._initial = True
         self._next_heartbeat = 0.0
         self.finished = threading.Event()
+        self._fds_closed = False
         self.restarts = 0
 
     # --- called from other threads -------------------------------------------------
@@ -159,11 +160,16 @@ class Supervisor(threading.Thread):
             return self._slots[index].proc
 
     def _command(self, what: str, arg: Any) -> None:
-        self._commands.put((what, arg))
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # pipe full (already awake) or closed (thread gone)
+        with self._lock:
+            gone = self._fds_closed  # the thread is gone; its fd numbers may be reused by now
+            if not gone:
+                self._commands.put((what, arg))
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # pipe full: the thread is awake anyway
+        if gone and what == "job":
+            arg.on_done(None, PoolClosedError("the checkpoint pool was shut down"))
 
     # --- the thread ------------------------------------------------------------------
     def run(self) -> None:
@@ -187,11 +193,20 @@ class Supervisor(threading.Thread):
             router.close(linger=0)
             ctx.term()
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
             with self._lock:
+                self._fds_closed = True
+                for fd in (self._wake_r, self._wake_w):
+                    os.close(fd)
                 for s in self._slots:
                     self._close_pidfd(s)
+            # Commands that raced with the end: fail their jobs rather than drop them.
+            while True:
+                try:
+                    what, arg = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if what == "job":
+                    arg.on_done(None, PoolClosedError("the checkpoint pool was shut down"))
             if not self.started_ok.is_set() and self.start_error is None:
                 self.start_error = PoolClosedError("the pool stopped before its workers started")
             self.started_ok.set()

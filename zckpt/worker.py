@@ -208,6 +208,8 @@ class Worker:
         try:
             if isinstance(job, P.WriteFiles):
                 result = self._write_files(job)
+            elif isinstance(job, P.MapSegments):
+                result = self._map_segments(job)
             else:
                 result = self._write_state(job)
         except BaseException as exc:  # noqa: BLE001
@@ -227,14 +229,34 @@ class Worker:
         for key in [k for k in self._storages if k not in live]:
             del self._storages[key]
 
+    def _map_segments(self, job: P.MapSegments) -> P.JobResult:
+        assert self.init is not None
+        self._drop_unlisted(job.live_keys)
+        for seg in job.segments:
+            self._mapping(seg)
+        return P.JobResult(job.job_id, [])
+
+    def _mapping(self, seg: P.SegmentRef) -> Any:
+        """The cached mapping of an arena segment (mmap in files mode, a storage in state mode)."""
+        assert self.init is not None
+        if self.init.mode == "files":
+            mm = self._maps.get(seg.key)
+            if mm is None:
+                mm = self._maps[seg.key] = map_segment(seg.path, seg.nbytes)
+            return mm
+        storage = self._storages.get(seg.key)
+        if storage is None:
+            import torch
+            storage = self._storages[seg.key] = torch.UntypedStorage.from_file(seg.path, shared=True,
+                                                                               nbytes=seg.nbytes)
+        return storage
+
     def _write_files(self, job: P.WriteFiles) -> P.JobResult:
         assert self.init is not None
         self._drop_unlisted(job.live_keys)
         results = []
         for task in job.files:
-            mm = self._maps.get(task.segment.key)
-            if mm is None:
-                mm = self._maps[task.segment.key] = map_segment(task.segment.path, task.segment.nbytes)
+            mm = self._mapping(task.segment)
             with memoryview(mm) as whole, whole[task.offset: task.offset + task.nbytes] as data:
                 sums = None
                 if self.init.checksum != "none":
@@ -262,11 +284,13 @@ class Worker:
             if spec.nbytes == 0:
                 tensors.append(torch.empty_strided(spec.shape, spec.stride, dtype=dtype))
                 continue
-            cache = self._storages if spec.cacheable else per_job
-            storage = cache.get(spec.segment.key)
-            if storage is None:
-                storage = cache[spec.segment.key] = torch.UntypedStorage.from_file(
-                    spec.segment.path, shared=True, nbytes=spec.segment.nbytes)
+            if spec.cacheable:
+                storage = self._mapping(spec.segment)
+            else:  # the caller's own shared memory: mapped for this job only
+                storage = per_job.get(spec.segment.key)
+                if storage is None:
+                    storage = per_job[spec.segment.key] = torch.UntypedStorage.from_file(
+                        spec.segment.path, shared=True, nbytes=spec.segment.nbytes)
             itemsize = torch.empty(0, dtype=dtype).element_size()
             t = torch.empty(0, dtype=dtype)
             t.set_(storage, spec.byte_offset // itemsize + spec.storage_offset, spec.shape, spec.stride)  # type: ignore[arg-type]
