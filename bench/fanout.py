@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1,2,4", help="comma list of writer counts")
     ap.add_argument("--sizes-mb", default="64,256,1024", help="comma list of state-dict sizes")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir on the repo's disk)")
+    ap.add_argument("--dir", default=None, help="where to write (default: the system temp dir); "
+                    "put it on the disk you checkpoint to")
     ap.add_argument("--knee-gain", type=float, default=0.10)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     workers = [int(x) for x in args.workers.split(",")]
     sizes = [int(x) for x in args.sizes_mb.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="zckpt-fanout-", dir=args.dir or str(HERE.parent)))
+    work = Path(tempfile.mkdtemp(prefix="zckpt-fanout-", dir=args.dir))
     rows: list[dict[str, Any]] = []
     base: dict[int, dict[str, float]] = {}
     try:

@@ -97,8 +97,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dir", default=None, help="where checkpoints go (default: the system temp dir)")
     args = ap.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="zckpt-overhead-", dir=str(HERE.parent)))
+    root = Path(tempfile.mkdtemp(prefix="zckpt-overhead-", dir=args.dir))
     try:
         rows = []
         for mode in ("none", "torch.save", "zckpt"):
