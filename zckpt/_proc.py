@@ -68,7 +68,8 @@ def sweep_stale_ipc_dirs(tmpdir: str) -> list[str]:
             pid = int(parts[1])
             path = os.path.join(tmpdir, name)
             if pid != os.getpid() and not pid_alive(pid) and os.path.isdir(path) \
-                    and os.stat(path).st_uid == os.getuid():
+                    and os.stat(path).st_uid == os.getuid() and set(os.listdir(path)) <= {"ctl"}:
+                # Only what a pool makes (empty, or its socket file): never a user's data.
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
                 logger.info("removed stale socket directory %s", path)
