@@ -2,27 +2,41 @@
 """Checkpoint throughput: zckpt against the raw limits and the torch peers, same run.
 
 For a synthetic, deterministic, transformer-shaped state dict of ``--size-mb`` MiB,
-each method gets one start-up, one warm-up save (reported as first_save_s) and
-``--rounds`` timed saves, interleaved across methods (round k runs every method,
-starting at a rotating offset, so slow drift hits all of them alike). Reported per
-method, medians over the rounds:
+each method gets one start-up, then at once one warm-up save (reported as
+first_save_s), and later ``--rounds`` timed saves, interleaved across methods (round
+k runs every method, starting at a rotating offset, so slow drift hits all of them
+alike). Reported per method, medians over the rounds:
 
 - blocked_s: how long the save call blocks the caller;
 - snapshot_s: until the caller may mutate its tensors without changing the
   checkpoint (for methods that read the caller's memory until they finish, that is
-  their completion time);
+  their completion time; for zckpt_2_async, when ``fut.staged`` resolves);
 - durable_s: until the data is fsynced. Methods that do not fsync get it done for
   them right after they finish, included in durable_s ("fsync by bench");
 - GB/s (state-dict bytes / durable_s; for memcpy_warm, of the copy), start-up and
   first-save times, correctness (load back, ``torch.equal`` on every tensor), and a
   tearing run: every tensor gets ``add_(1)`` in place as soon as the save call
-  returns, then the checkpoint is loaded and compared with the pre-save values.
+  returns, then the checkpoint is loaded and compared with the pre-save values;
+- rss_overhead_mib: the bench process's VmRSS after the method's start-up and
+  warm-up save minus its VmRSS just before the start-up (after gc and malloc_trim
+  both times): the memory the method keeps in the trainer, e.g. its staging buffers;
+- worker_rss_mib: the sum of VmHWM (peak RSS) over the method's child processes,
+  read after the timed rounds ("-" for methods without children).
+
+Shared-memory pages count in the RSS of every process that has touched them: a
+staging arena mapped by the trainer and by N workers shows up in rss_overhead_mib
+and again in each worker's VmHWM, so worker_rss_mib counts it once per worker and
+the columns must not be added up as if they were disjoint.
 
 Run from the repository root, e.g.::
 
     python bench/throughput.py --quick
     python bench/throughput.py --size-mb 256 --json out.json --markdown out.md
     python bench/throughput.py --methods torch_save,dcp_process,zckpt --rounds 5
+    python bench/throughput.py --size-mb 64 --methods raw,zckpt --png out.png
+
+or as ``zckpt bench ARGS`` from a source checkout. ``--png`` needs matplotlib (it is
+skipped with a warning when that is not installed).
 
 Everything created (processes, files, shared memory) is removed at the end, also on
 Ctrl-C, SIGTERM or error.
@@ -100,6 +114,10 @@ class Row:
     mismatch: str = ""
     torn: str | None = None  # "torn N/M"
     error: str | None = None
+    #: Trainer VmRSS after start-up + warm-up save minus VmRSS just before start-up.
+    rss_overhead_mib: float | None = None
+    #: Sum of the children's VmHWM after the timed rounds (None: no child processes).
+    worker_rss_mib: float | None = None
 
     def median(self, attr: str) -> float | None:
         """Median of one timing over the measured rounds (None if none measured)."""
@@ -232,7 +250,13 @@ class Runner:
         self.pg_initialised = True
 
     def start_methods(self, names: Sequence[str]) -> None:
-        """Create and start every selected method; a failure only costs its own row."""
+        """Create, start and warm up every selected method, one after the other; a
+        failure only costs its own row.
+
+        Each method's warm-up save follows its start-up at once, so the trainer's RSS
+        read before the start and after the warm-up tells what the method keeps
+        (its staging memory) before the next method starts.
+        """
         for name in names:
             method = _peers.make_method(name, log_dir=self.root)
             row = Row(method=name, note=_note(method))
@@ -244,6 +268,8 @@ class Runner:
                     row.error = "process group: " + _first_line(e)
                     continue
             self.progress.update(f"starting {name}")
+            _peers.release_free_memory()
+            rss_before = _peers.proc_status_kib("self", "VmRSS")
             try:
                 t0 = time.perf_counter()
                 method.start(method.state_dict_for_save(self.base))
@@ -253,9 +279,17 @@ class Runner:
             except Unavailable as e:
                 row.error = f"not available: {e}"
                 self._shutdown(method, row)
+                continue
             except Exception as e:  # noqa: BLE001 - reported in the row
                 row.error = "start failed: " + _first_line(e)
                 self._shutdown(method, row)
+                continue
+            if not self._one_round(name, 0):
+                continue
+            _peers.release_free_memory()
+            rss_after = _peers.proc_status_kib("self", "VmRSS")
+            if rss_before is not None and rss_after is not None:
+                row.rss_overhead_mib = (rss_after - rss_before) / 1024
 
     # -- one save ------------------------------------------------------------------
 
@@ -312,41 +346,52 @@ class Runner:
 
     # -- the rounds ---------------------------------------------------------------
 
+    def _one_round(self, name: str, r: int) -> bool:
+        """Save once with method ``name`` (round 0: the warm-up) and record the result;
+        a failure is recorded in the row and shuts the method down. Returns success."""
+        label = "warm-up" if r == 0 else f"round {r}/{self.args.rounds}"
+        self.progress.update(f"{label}: {name}")
+        row = self.rows[name]
+        try:
+            s = self.save_once(self.methods[name], f"r{r}")
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            row.error = f"{label} failed: " + _first_line(e)
+            if self.args.verbose:
+                self.progress.warn(traceback.format_exc())
+            self._shutdown(self.methods.pop(name), row)
+            return False
+        if r == 0:
+            row.first_save_s = s.durable_s if s.durable_s is not None else s.snapshot_s
+        else:
+            row.samples.append(s)
+        if not s.ok:
+            row.correct = "MISMATCH"
+            row.mismatch = row.mismatch or (
+                f"{s.tensors_differing}/{s.tensors_total} tensors differ"
+                + (f"; {s.problem}" if s.problem else "")
+            )
+        elif row.correct is None:
+            row.correct = "ok"
+        return True
+
     def run_rounds(self) -> None:
-        """Warm-up, then ``--rounds`` interleaved rounds, then the tearing run."""
-        total = self.args.rounds + 1
-        for r in range(total):
+        """``--rounds`` interleaved rounds (the warm-up ran in start_methods), the
+        workers' peak memory, then the tearing run."""
+        for r in range(1, self.args.rounds + 1):
             names = list(self.methods)
             if not names:
                 return
             # Rotate the order so no method always runs right after the same neighbour.
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                if name not in self.methods:
-                    continue
-                label = "warm-up" if r == 0 else f"round {r}/{self.args.rounds}"
-                self.progress.update(f"{label}: {name}")
-                row = self.rows[name]
-                try:
-                    s = self.save_once(self.methods[name], f"r{r}")
-                except Exception as e:  # noqa: BLE001 - reported in the row
-                    row.error = f"{label} failed: " + _first_line(e)
-                    if self.args.verbose:
-                        self.progress.warn(traceback.format_exc())
-                    self._shutdown(self.methods.pop(name), row)
-                    continue
-                if r == 0:
-                    row.first_save_s = s.durable_s if s.durable_s is not None else s.snapshot_s
-                else:
-                    row.samples.append(s)
-                if not s.ok:
-                    row.correct = "MISMATCH"
-                    row.mismatch = row.mismatch or (
-                        f"{s.tensors_differing}/{s.tensors_total} tensors differ"
-                        + (f"; {s.problem}" if s.problem else "")
-                    )
-                elif row.correct is None:
-                    row.correct = "ok"
+                if name in self.methods:
+                    self._one_round(name, r)
+
+        for name, method in self.methods.items():
+            pids = method.child_pids()
+            if pids:
+                hwm = [_peers.proc_status_kib(pid, "VmHWM") for pid in pids]
+                self.rows[name].worker_rss_mib = sum(h for h in hwm if h is not None) / 1024
 
         for name in list(self.methods):
             self.progress.update(f"tearing run: {name}")
@@ -497,8 +542,8 @@ def _note(method: Method) -> str:
 
 COLUMNS = (
     "method", "blocked_s", "snapshot_s", "durable_s", "GB/s", "startup_s",
-    "first_save_s", "correct", "torn", "blocked/memcpy", "snapshot/memcpy",
-    "durable/write", "note",
+    "first_save_s", "rss_overhead_mib", "worker_rss_mib", "correct", "torn",
+    "blocked/memcpy", "snapshot/memcpy", "durable/write", "note",
 )
 
 
@@ -506,6 +551,12 @@ def _fmt_s(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x:.4f}" if x < 0.1 else f"{x:.3f}"
+
+
+def _fmt_mib(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}"
 
 
 def _ratio(x: float | None, ref: float | None) -> str:
@@ -536,6 +587,8 @@ def summarise(rows: Sequence[Row], nbytes: int) -> list[dict[str, Any]]:
             "gb_per_s": (nbytes / rate_of / 1e9) if rate_of else None,
             "startup_s": r.startup_s,
             "first_save_s": r.first_save_s,
+            "rss_overhead_mib": r.rss_overhead_mib,
+            "worker_rss_mib": r.worker_rss_mib,
             "correct": r.correct,
             "torn": r.torn,
             "blocked_vs_memcpy": (blocked / memcpy) if blocked is not None and memcpy else None,
@@ -558,6 +611,8 @@ def table_cells(s: dict[str, Any]) -> list[str]:
         "-" if s["gb_per_s"] is None else f"{s['gb_per_s']:.2f}",
         _fmt_s(s["startup_s"]),
         _fmt_s(s["first_save_s"]),
+        _fmt_mib(s["rss_overhead_mib"]),
+        _fmt_mib(s["worker_rss_mib"]),
         s["correct"] or "-",
         s["torn"] or "-",
         "-" if s["blocked_vs_memcpy"] is None else f"{s['blocked_vs_memcpy']:.2f}x",
@@ -586,6 +641,70 @@ def render_markdown(summary: Sequence[dict[str, Any]], header: str) -> str:
     for s in summary:
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in table_cells(s)) + " |")
     return "\n".join(out) + "\n"
+
+
+def render_png(summary: Sequence[dict[str, Any]], info: dict[str, Any], path: str) -> bool:
+    """Bar chart: per method, time until the trainer may mutate and time until durable.
+
+    matplotlib is imported here, so the bench runs without it; if it is missing a
+    one-line warning goes to stderr and no file is written. Returns whether it wrote.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed; before pyplot is imported
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"[bench] --png skipped: matplotlib is not installed ({e})", file=sys.stderr)
+        return False
+    import datetime
+
+    rows = [s for s in summary if s["snapshot_s"] is not None or s["durable_s"] is not None]
+    if not rows:
+        print("[bench] --png skipped: no method has a measured time", file=sys.stderr)
+        return False
+    names = [s["method"] for s in rows]
+    series = (
+        ("snapshot_s", "until the trainer may mutate (snapshot_s)", "#4c72b0"),
+        ("durable_s", "until durable (durable_s)", "#dd8452"),
+    )
+    values = [v for s in rows for key, _, _ in series if (v := s[key]) is not None and v > 0]
+    log = bool(values) and max(values) / min(values) > 100
+
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.05 * len(rows) + 2.5), 5.2))
+    floor = min(values) if log else 0.0  # where a missing bar's "n/a" sits
+    for j, (key, label, color) in enumerate(series):
+        have = [(i + (j - 0.5) * width, s[key]) for i, s in enumerate(rows)
+                if s[key] is not None and s[key] > 0]
+        ax.bar([x for x, _ in have], [v for _, v in have], width, label=label, color=color)
+        for x, v in have:
+            ax.annotate(_fmt_s(v), (x, v), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+        for i, s in enumerate(rows):  # no value (e.g. memcpy_warm never touches disk)
+            if s[key] is None:
+                ax.annotate("n/a", (i + (j - 0.5) * width, floor), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom",
+                            fontsize=7, color="gray")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("seconds (median)" + (", log scale" if log else ""))
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8)
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    ax.set_title(
+        f"checkpoint save: {info['state_dict_bytes'] / 2**20:.0f} MiB state dict, "
+        f"{info['tensors']} tensors, median of {info['rounds']} round(s), {date}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def describe_run(runner: Runner, args: argparse.Namespace) -> dict[str, Any]:
@@ -651,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where checkpoints go (a fresh sub-directory, removed at the end; default: /tmp)")
     p.add_argument("--json", type=str, default=None, metavar="PATH", help="also write results as JSON")
     p.add_argument("--markdown", type=str, default=None, metavar="PATH", help="also write a Markdown table")
+    p.add_argument("--png", type=str, default=None, metavar="PATH",
+                   help="also write a bar chart of snapshot and durable times (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="tiny smoke test: a few MiB, 1 round")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic state dict")
     p.add_argument("--settle", type=float, default=None, metavar="S",
@@ -722,6 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                "interrupted": interrupted}, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(render_markdown(summary, header))
+    if args.png:
+        render_png(summary, info, args.png)
     return status
 
 
