@@ -161,9 +161,11 @@ class Arena:
                 register_host(seg.tensor)
                 seg.pinned = True
 
-    def all_segments(self) -> list[Segment]:
+    def segments_by_index(self) -> list[list[Segment]]:
+        """``[i]``: segment ``i`` of every buffer set (the ones shard ``i`` stages into)."""
         with self._cond:
-            return [seg for s in self._sets for seg in s.segments]
+            width = max((len(s.segments) for s in self._sets), default=0)
+            return [[s.segments[i] for s in self._sets if i < len(s.segments)] for i in range(width)]
 
     def release(self, bufset: BufferSet) -> None:
         with self._cond:

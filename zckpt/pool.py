@@ -286,18 +286,20 @@ class CheckpointPool:
         finally:
             for b in held:
                 self._arena.release(b)
-        segments = [seg.ref() for seg in self._arena.all_segments()]
-        live = [seg.key for seg in segments]
+        live = self._arena.live_keys()
         done: list[Future] = []
         deadline = time.monotonic() + timeout_s
-        for slot in range(self.config.num_workers):
+        # Worker i writes shard i, which always stages into segment i of a buffer set:
+        # it maps only those, so no worker holds page tables for the whole arena.
+        per_slot = self._arena.segments_by_index()
+        for slot, segments in enumerate(per_slot[: self.config.num_workers]):
             f: Future = Future()
             with self._lock:
                 job_id = self._next_save
                 self._next_save += 1
             self._supervisor.submit(ShardJob(
-                slot, P.MapSegments(job_id, segments, live), deadline=deadline, describe="mapping the arena",
-                on_done=functools.partial(_settle, f)))
+                slot, P.MapSegments(job_id, [s.ref() for s in segments], live), deadline=deadline,
+                describe="mapping the arena", on_done=functools.partial(_settle, f)))
             done.append(f)
         for f in done:
             f.result(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
