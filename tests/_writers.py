@@ -54,6 +54,20 @@ class RecordingWriter:
         self.inner.write_file(path, data, progress=progress)
 
 
+class TorchProbeWriter:
+    """Writes normally; records whether torch is imported in this worker at each write."""
+
+    def __init__(self, record_dir: str) -> None:
+        self.record_dir = record_dir
+        self.inner = LocalFileWriter(fsync=False)
+
+    def write_file(self, path: str, data: memoryview, *, progress: Callable[[int], None], **kwargs: Any) -> None:
+        import sys
+        with open(os.path.join(self.record_dir, "torch-imported"), "a") as f:
+            f.write(f"{'torch' in sys.modules}\n")
+        self.inner.write_file(path, data, progress=progress)
+
+
 def marker_init(marker_dir: str, tag: str) -> None:
     """Init function: leaves ``<tag>-<pid>`` so the test can see it ran in the worker."""
     with open(os.path.join(marker_dir, f"{tag}-{os.getpid()}"), "w") as f:

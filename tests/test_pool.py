@@ -232,7 +232,7 @@ def test_python_only_state_dict_commits(make_pool, tmp_path):
 def test_metadata_is_stored(make_pool, tmp_path):
     pool = make_pool(num_workers=1)
     pool.save({"a": torch.ones(1)}, tmp_path / "c", metadata={"step": 5}).result(timeout=60)
-    from zckpt.format import read_manifest
+    from zckpt.manifest import read_manifest
     assert read_manifest(str(tmp_path / "c"))["metadata"] == {"step": 5}
     with pytest.raises(TypeError, match="JSON"):
         pool.save({"a": torch.ones(1)}, tmp_path / "d", metadata={"x": object()})
@@ -387,3 +387,15 @@ def test_async_staging_failure_fails_both_futures(make_pool, tmp_path, monkeypat
     assert os.listdir(tmp_path / "root") == []
     monkeypatch.undo()
     pool.save({"a": torch.ones(3)}, tmp_path / "root" / "d").result(timeout=60)
+
+
+def test_workers_never_import_torch_on_the_native_path(make_pool, tmp_path):
+    # Importing torch costs ~2 s of start-up and ~300 MB per worker; writing, checksums
+    # and the commit (run by a worker) must not need it.
+    from _writers import TorchProbeWriter
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    pool = make_pool(num_workers=1, writer_factory=TorchProbeWriter, writer_kwargs={"record_dir": str(rec)})
+    for i in range(3):  # save 2 and 3 run after a commit in the same worker
+        pool.save({"a": torch.ones(4), "step": i}, tmp_path / f"s{i}").result(timeout=60)
+    assert (rec / "torch-imported").read_text().split() == ["False"] * 3

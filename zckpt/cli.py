@@ -16,7 +16,7 @@ from typing import Optional
 
 from .commit import latest
 from .errors import CorruptCheckpointError
-from .format import read_manifest
+from .manifest import read_manifest
 
 
 def _human(n: float) -> str:

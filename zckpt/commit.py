@@ -18,7 +18,7 @@ import uuid
 from typing import Any, Optional, Union
 
 from ._proc import pid_alive
-from .format import MANIFEST_NAME, write_manifest
+from .manifest import MANIFEST_NAME, write_manifest
 
 __all__ = ["temp_dir_for", "is_temp_dir", "fsync_dir", "commit_dir", "latest", "committed",
            "apply_retention", "sweep_temp_dirs", "discard"]

@@ -45,7 +45,7 @@ from . import protocol as P
 from .arena import Arena, BufferSet
 from .config import PoolConfig
 from .errors import PoolClosedError, ZckptError
-from .format import FORMAT_NAME, FORMAT_VERSION
+from .manifest import FORMAT_NAME, FORMAT_VERSION
 from .plan import SavePlan, collect_storages, manifest_records, plan_save
 from .stager import stage_files
 from .supervisor import ShardJob, Supervisor
@@ -315,7 +315,7 @@ class CheckpointPool:
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
             "tree": tree, "storages": storage_recs, "tensors": tensor_recs,
-            "metadata": _json_metadata(metadata), "torch_version": torch.__version__,
+            "metadata": _json_metadata(metadata), "torch_version": str(torch.__version__),
             "files": [{"name": sh.name, "nbytes": sh.nbytes, "worker": sh.index,
                        "chunks": [list(c) for c in sh.chunks]} for sh in plan.shards],
         }
@@ -377,7 +377,7 @@ class CheckpointPool:
 
     def _dispatch(self, save: _Save, tasks: list[P.FileTask], writer_kwargs: dict[str, Any]) -> None:
         if not tasks:  # nothing but Python values: commit straight away
-            self._committer.submit(self._commit, save)
+            self._request_commit(save, slot=0)
             return
         deadline = time.monotonic() + self.config.save_timeout_s
         live = self._arena.live_keys()
@@ -473,11 +473,16 @@ class CheckpointPool:
             return
         self._arena.release(save.bufset)
         if save.error is None:
-            self._committer.submit(self._commit, save)
+            self._request_commit(save, slot=index)
         else:
             self._committer.submit(self._abandon, save)
 
-    def _commit(self, save: _Save) -> None:
+    def _request_commit(self, save: _Save, slot: int) -> None:
+        """Fill in the checksums and have a worker (the one that just finished) commit.
+
+        Committing in a worker means a busy training loop, which keeps the GIL to
+        itself, does not hold up the manifest's writes, fsyncs and renames.
+        """
         try:
             for i, rec in enumerate(save.manifest["files"]):
                 fr = save.results[i].files[0]
@@ -487,15 +492,21 @@ class CheckpointPool:
                 rec["checksums"] = fr.checksums
                 rec["write_s"] = round(fr.write_s, 6)
                 rec["hash_s"] = round(fr.hash_s, 6)
-            save.manifest["created_unix"] = time.time()
-            for tmp, final in zip(save.tmp_dirs, save.finals):
-                C.commit_dir(tmp, final, save.manifest, fsync=self.config.fsync)
-            if self.config.keep_last is not None:
-                for final in save.finals:
-                    C.apply_retention(os.path.dirname(final), self.config.keep_last, protect=final)
-        except BaseException as exc:  # noqa: BLE001
+        except (ZckptError, KeyError, IndexError) as exc:
+            self._committer.submit(self._abandon, save, exc)
+            return
+        save.manifest["created_unix"] = time.time()
+        job = P.CommitJob(save.id, save.tmp_dirs, save.finals, save.manifest, self.config.fsync,
+                          self.config.keep_last)
+        self._supervisor.submit(ShardJob(slot, job, functools.partial(self._committed, save),
+                                         deadline=time.monotonic() + self.config.save_timeout_s,
+                                         describe=f"the commit of {save.finals[0]}"))
+
+    def _committed(self, save: _Save, result: Optional[P.JobResult], exc: Optional[BaseException]) -> None:
+        """Runs on the supervisor thread when the commit job answers."""
+        if exc is not None:
             logger.error("commit of %s failed: %s", save.finals[0], exc)
-            self._abandon(save, exc)
+            self._committer.submit(self._abandon, save, exc)
             return
         with self._lock:
             self._saves.pop(save.id, None)

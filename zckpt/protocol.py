@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "Kind", "ProtocolError", "Hello", "InitRequest", "ErrorReport", "Heartbeat",
-    "SegmentRef", "FileTask", "WriteFiles", "TensorSpec", "WriteState", "MapSegments", "FileResult",
+    "SegmentRef", "FileTask", "WriteFiles", "TensorSpec", "WriteState", "MapSegments", "CommitJob", "FileResult",
     "JobResult", "Empty", "encode", "decode", "command_id", "heartbeat_id", "parse_id",
 ]
 
@@ -152,6 +152,22 @@ class MapSegments:
 
 
 @dataclass(frozen=True)
+class CommitJob:
+    """Write the manifest and rename each temp dir into place (then apply retention).
+
+    Done by a worker so that committing needs nothing from the trainer's interpreter,
+    which a busy training loop keeps to itself.
+    """
+
+    job_id: int
+    tmp_dirs: list[str]
+    finals: list[str]
+    manifest: dict[str, Any]
+    fsync: bool
+    keep_last: Optional[int]
+
+
+@dataclass(frozen=True)
 class FileResult:
     name: str
     nbytes: int
@@ -166,14 +182,15 @@ class JobResult:
     files: list[FileResult]
 
 
-Body = Union[Empty, Hello, InitRequest, ErrorReport, Heartbeat, WriteFiles, WriteState, MapSegments, JobResult]
+Body = Union[Empty, Hello, InitRequest, ErrorReport, Heartbeat, WriteFiles, WriteState, MapSegments, CommitJob,
+             JobResult]
 
 _BODY_TYPES: dict[Kind, tuple[type, ...]] = {
     Kind.HELLO: (Hello,),
     Kind.INIT: (InitRequest,),
     Kind.INIT_OK: (Empty,),
     Kind.INIT_FAILED: (ErrorReport,),
-    Kind.WRITE: (WriteFiles, WriteState, MapSegments),
+    Kind.WRITE: (WriteFiles, WriteState, MapSegments, CommitJob),
     Kind.DONE: (JobResult,),
     Kind.FAILED: (ErrorReport,),
     Kind.HEARTBEAT: (Heartbeat,),

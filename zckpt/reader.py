@@ -20,7 +20,8 @@ import torch
 import xxhash
 
 from .errors import CorruptCheckpointError
-from .format import checksum_hex, dtype_from_name, dtype_name, read_manifest
+from .format import dtype_from_name, dtype_name
+from .manifest import checksum_hex, read_manifest
 from .tree import flatten, from_json, unflatten
 
 __all__ = ["load", "verify"]

@@ -39,7 +39,9 @@ from ._proc import set_parent_death_signal
 from .errors import pack_exception
 from .writers import default_writer_factory, map_segment
 
-logger = logging.getLogger(__name__)
+# Not __name__: run with -m, this module is "__main__", outside the "zckpt" hierarchy
+# whose level the trainer passes down.
+logger = logging.getLogger("zckpt.worker")
 
 EXIT_ORPHANED = 70
 
@@ -205,11 +207,14 @@ class Worker:
         return True
 
     def _serve(self, job: Any) -> None:
+        logger.debug("worker %d: %s job %d", self.slot, type(job).__name__, job.job_id)
         try:
             if isinstance(job, P.WriteFiles):
                 result = self._write_files(job)
             elif isinstance(job, P.MapSegments):
                 result = self._map_segments(job)
+            elif isinstance(job, P.CommitJob):
+                result = self._commit(job)
             else:
                 result = self._write_state(job)
         except BaseException as exc:  # noqa: BLE001
@@ -228,6 +233,16 @@ class Worker:
             self._maps.pop(key).close()
         for key in [k for k in self._storages if k not in live]:
             del self._storages[key]
+
+    def _commit(self, job: P.CommitJob) -> P.JobResult:
+        from .commit import apply_retention, commit_dir
+
+        for tmp, final in zip(job.tmp_dirs, job.finals):
+            commit_dir(tmp, final, job.manifest, fsync=job.fsync)
+        if job.keep_last is not None:
+            for final in job.finals:
+                apply_retention(os.path.dirname(final), job.keep_last, protect=final)
+        return P.JobResult(job.job_id, [])
 
     def _map_segments(self, job: P.MapSegments) -> P.JobResult:
         assert self.init is not None
@@ -337,6 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     endpoint, slot, generation, parent_pid = args[0], int(args[1]), int(args[2]), int(args[3])
     hb_s, orphan_s = float(args[4]), float(args[5])
     faulthandler.enable()  # a crash leaves a stack on stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is it stuck?
     # Ctrl-C reaches the whole process group: the trainer decides what happens (it may
     # want to save one last checkpoint), so workers ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
