@@ -3,8 +3,11 @@
 Wire format (ZeroMQ multipart, REQ envelope so the trainer's ROUTER sees what a REQ
 peer would send)::
 
-    worker -> trainer   [b"", kind:1 byte, body:pickle]       (ROUTER prepends identity)
-    trainer -> worker   [identity, b"", kind:1 byte, body:pickle]
+    worker -> trainer   [b"", kind:1 byte + body:pickle]       (ROUTER prepends identity)
+    trainer -> worker   [identity, b"", kind:1 byte + body:pickle]
+
+Kind and body share one frame: every frame is a send or receive that releases the GIL,
+and with a busy training loop each release costs up to a switch interval to undo.
 
 Bodies are small: handles to shared memory, never tensor bytes. Each worker
 incarnation has two deterministic routing ids, ``w-<slot>-<generation>`` for commands
@@ -203,24 +206,24 @@ def encode(kind: Kind, body: Body = Empty()) -> list[bytes]:
     """Frames for a message, starting with the REQ envelope's empty delimiter."""
     if not isinstance(body, _BODY_TYPES[kind]):
         raise TypeError(f"{kind.name} cannot carry {type(body).__name__}")
-    return [b"", bytes([kind]), pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)]
+    return [b"", bytes([kind]) + pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)]
 
 
 def decode(frames: list[bytes]) -> tuple[Kind, Any]:
-    """Parse ``[b"", kind, body]``; raise :class:`ProtocolError` naming what is wrong."""
-    if len(frames) != 3:
-        raise ProtocolError(f"expected 3 frames (delimiter, kind, body), got {len(frames)}")
-    delim, kind_frame, body_frame = frames
+    """Parse ``[b"", kind + body]``; raise :class:`ProtocolError` naming what is wrong."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames (delimiter, message), got {len(frames)}")
+    delim, payload = frames
     if delim != b"":
         raise ProtocolError("missing empty delimiter frame")
-    if len(kind_frame) != 1:
-        raise ProtocolError(f"kind frame must be 1 byte, got {len(kind_frame)}")
+    if len(payload) < 2:
+        raise ProtocolError(f"message of {len(payload)} bytes is too short")
     try:
-        kind = Kind(kind_frame[0])
+        kind = Kind(payload[0])
     except ValueError:
-        raise ProtocolError(f"unknown message kind {kind_frame[0]}") from None
+        raise ProtocolError(f"unknown message kind {payload[0]}") from None
     try:
-        body = pickle.loads(body_frame)
+        body = pickle.loads(memoryview(payload)[1:])
     except Exception as exc:
         raise ProtocolError(f"{kind.name} body does not unpickle: {exc!r}") from None
     if not isinstance(body, _BODY_TYPES[kind]):

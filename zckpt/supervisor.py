@@ -129,6 +129,7 @@ class Supervisor(threading.Thread):
         self._next_heartbeat = 0.0
         self.finished = threading.Event()
         self._fds_closed = False
+        self._local_commands = False
         self.restarts = 0
 
     # --- called from other threads -------------------------------------------------
@@ -164,10 +165,13 @@ class Supervisor(threading.Thread):
             gone = self._fds_closed  # the thread is gone; its fd numbers may be reused by now
             if not gone:
                 self._commands.put((what, arg))
-                try:
-                    os.write(self._wake_w, b"x")
-                except BlockingIOError:
-                    pass  # pipe full: the thread is awake anyway
+                if threading.current_thread() is self:
+                    self._local_commands = True  # drained this iteration: no wakeup syscall
+                else:
+                    try:
+                        os.write(self._wake_w, b"x")
+                    except BlockingIOError:
+                        pass  # pipe full: the thread is awake anyway
         if gone and what == "job":
             arg.on_done(None, PoolClosedError("the checkpoint pool was shut down"))
 
@@ -230,13 +234,17 @@ class Supervisor(threading.Thread):
                 poller.unregister(fd)
             registered = fds
             timeout_s = min(interval / 4, max(0.0, self._next_heartbeat - time.monotonic()))
-            events = dict(poller.poll(max(1, int(timeout_s * 1000))))
+            timeout_ms = 0 if self._local_commands else max(1, int(timeout_s * 1000))
+            events = dict(poller.poll(timeout_ms))
             now = time.monotonic()
             # Touch only what is ready: under a busy training loop every system call
             # that releases the GIL costs up to a switch interval (5 ms) to get it back.
             if router in events:
                 self._drain_router(router, now)
             if self._wake_r in events:
+                self._drain_pipe()
+            if self._wake_r in events or self._local_commands:
+                self._local_commands = False
                 self._drain_commands(now)
             if (registered & events.keys()) or not all_pidfds or now >= next_sweep:
                 self._check_processes(now)
@@ -468,12 +476,14 @@ class Supervisor(threading.Thread):
                     pass  # heartbeat socket not connected yet, or gone
 
     # --- commands, deadlines, dispatch -----------------------------------------------
-    def _drain_commands(self, now: float) -> None:
+    def _drain_pipe(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+
+    def _drain_commands(self, now: float) -> None:
         while True:
             try:
                 what, arg = self._commands.get_nowait()
