@@ -399,3 +399,14 @@ def test_workers_never_import_torch_on_the_native_path(make_pool, tmp_path):
     for i in range(3):  # save 2 and 3 run after a commit in the same worker
         pool.save({"a": torch.ones(4), "step": i}, tmp_path / f"s{i}").result(timeout=60)
     assert (rec / "torch-imported").read_text().split() == ["False"] * 3
+
+
+def test_async_staging_bad_input_fails_the_futures(make_pool, tmp_path):
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, async_staging=True))
+    fut = pool.save({"lock": threading.Lock()}, tmp_path / "root" / "c")
+    with pytest.raises(TypeError, match="lock.*not picklable"):
+        fut.staged.result(timeout=30)
+    with pytest.raises(TypeError):
+        fut.result(timeout=30)
+    assert not os.path.exists(tmp_path / "root" / "c")
+    assert pool.stats.saves_failed == 1

@@ -159,6 +159,7 @@ class CheckpointPool:
         self._next_save = 0
         self._counts = {"started": 0, "committed": 0, "failed": 0}
         self._swept: set[str] = set()
+        self._async_pending: set[SaveFuture] = set()  # saves still planning/copying on the stager
         self._closed_event = threading.Event()
         try:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
@@ -211,6 +212,11 @@ class CheckpointPool:
         returns, ``fut.staged`` is done: the caller may mutate its tensors, and the
         checkpoint will still hold the values they had at the call.
 
+        With ``config.async_staging`` it returns at once (well under a millisecond):
+        planning and the copy run on a stager thread, ``fut.staged`` resolves when
+        they are done, and the caller must not mutate the state dict (tensors or
+        containers) before that. Bad input then fails both futures instead of raising.
+
         Args:
             state_dict: A mapping (nested dicts, lists, tuples, tensors, Python values).
             path: The checkpoint directory to create; parent directories are created.
@@ -236,6 +242,19 @@ class CheckpointPool:
         for f in finals:
             if os.path.lexists(f):
                 raise FileExistsError(f"a checkpoint already exists at {f!r}; zckpt never overwrites one")
+        fut = SaveFuture(final)
+        if self.config.async_staging:
+            with self._lock:
+                self._async_pending.add(fut)
+            fut.timings["blocked_s"] = time.perf_counter() - t0
+            self._stager.submit(self._stage_async, state_dict, finals, metadata, writer_kwargs, fut, t0)
+            return fut
+        self._stage(state_dict, finals, metadata, writer_kwargs, fut, t0)
+        return fut
+
+    def _stage(self, state_dict: Mapping[str, Any], finals: list[str], metadata: Optional[Mapping[str, Any]],
+               writer_kwargs: dict[str, Any], fut: SaveFuture, t0: float) -> None:
+        """Plan, take a buffer set, make the temp dirs, copy, and hand off to the workers."""
         plan, manifest = self._plan(state_dict, metadata)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
@@ -245,14 +264,7 @@ class CheckpointPool:
         except BaseException:
             self._arena.release(bufset)
             raise
-        fut = SaveFuture(final)
         fut.timings.update(plan_s=t_plan - t0, wait_buffer_s=t_acquired - t_plan)
-        save = _Save(-1, fut, tmp_dirs, finals, bufset, manifest, len(plan.shards))
-        if self.config.async_staging:
-            self._register(save)
-            fut.timings["blocked_s"] = time.perf_counter() - t0
-            self._stager.submit(self._stage, save, plan, writer_kwargs, t0)
-            return fut
         try:
             tasks = stage_files(plan, bufset)
         except BaseException:
@@ -260,10 +272,28 @@ class CheckpointPool:
             for tmp in tmp_dirs:
                 C.discard(tmp)
             raise
+        save = _Save(-1, fut, tmp_dirs, finals, bufset, manifest, len(plan.shards))
         self._register(save)
         self._staged(save, t0)
         self._dispatch(save, tasks, writer_kwargs)
-        return fut
+
+    def _stage_async(self, state_dict: Mapping[str, Any], finals: list[str],
+                     metadata: Optional[Mapping[str, Any]], writer_kwargs: dict[str, Any], fut: SaveFuture,
+                     t0: float) -> None:
+        """On the stager thread: all of :meth:`_stage`; errors go to both futures."""
+        try:
+            self._stage(state_dict, finals, metadata, writer_kwargs, fut, t0)
+        except BaseException as exc:  # noqa: BLE001 - the caller sees it through the futures
+            logger.error("staging %s failed: %s", finals[0], exc)
+            with self._lock:
+                self._counts["failed"] += 1
+            if not fut.staged.done():
+                fut.staged.set_exception(exc)
+            if not fut.done():
+                fut.set_exception(exc)
+        finally:
+            with self._lock:
+                self._async_pending.discard(fut)
 
     def reserve(self, state_dict: Mapping[str, Any], timeout_s: float = 60.0) -> None:
         """Allocate and pre-fault staging memory for saves like ``state_dict`` now.
@@ -361,20 +391,6 @@ class CheckpointPool:
         save.future.timings.setdefault("blocked_s", now - t0)
         save.future.staged.set_result(None)
 
-    def _stage(self, save: _Save, plan: SavePlan, writer_kwargs: dict[str, Any], t0: float) -> None:
-        """Async staging, on the stager thread: copy, resolve ``staged``, hand off."""
-        try:
-            tasks = stage_files(plan, save.bufset)
-        except BaseException as exc:  # noqa: BLE001 - goes to both futures
-            logger.error("staging %s failed: %s", save.finals[0], exc)
-            save.future.staged.set_exception(exc)
-            save.pending.clear()
-            self._arena.release(save.bufset)
-            self._abandon(save, exc)
-            return
-        self._staged(save, t0)
-        self._dispatch(save, tasks, writer_kwargs)
-
     def _dispatch(self, save: _Save, tasks: list[P.FileTask], writer_kwargs: dict[str, Any]) -> None:
         if not tasks:  # nothing but Python values: commit straight away
             self._request_commit(save, slot=0)
@@ -402,7 +418,7 @@ class CheckpointPool:
                 return
             if self._state in (PoolState.READY, PoolState.STARTING):
                 self._state = PoolState.CLOSING
-            pending = [s.future for s in self._saves.values()]
+            pending = [s.future for s in self._saves.values()] + list(self._async_pending)
         for fut in pending:
             try:
                 fut.exception(timeout=max(0.0, deadline - time.monotonic()))
