@@ -2,25 +2,27 @@
 
 Who talks to whom::
 
-    trainer thread            supervisor thread (one)            worker processes (N)
-    ─────────────             ────────────────────────           ────────────────────
+    trainer thread             supervisor thread (one)           worker processes (N)
+    ──────────────             ───────────────────────           ────────────────────
     pool.save(sd, path)
       flatten + plan
-      copy into arena  ──shm──────────────────────────────────▶ mapped once, reused
+      copy into arena  ──shm─────────────────────────────────▶  mapped once, reused
       fut.staged done
-      submit(jobs) ──queue+wake──▶ ROUTER ──WRITE(handles)──▶   write shard, fsync,
-                                        ◀──DONE(checksums)──    checksum
-                                   all shards done:
-                                   committer thread ─▶ manifest, fsync, rename,
-                                                       fsync parent ─▶ fut done
+      submit(jobs) ──queue+wake──▶ ROUTER ──WRITE(handles)──▶   write shard (O_DIRECT),
+                                        ◀──DONE(checksums)──    checksum, fdatasync
+                                   last shard done:
+                                   ──COMMIT(manifest)──▶ one worker: manifest, fsync,
+                                        ◀──DONE──────────   rename, fsync parent
+                                   fut done
                                    heartbeats both ways, pidfds: a dead or silent
                                    worker fails its save and is replaced
 
 - The trainer thread is blocked only while it copies tensors into the arena (the one
-  copy); ``fut.staged`` is done when ``save()`` returns, unless ``async_staging``.
-- The supervisor thread owns every socket (see :mod:`zckpt.supervisor`).
-- The committer thread does the small metadata writes so neither the trainer nor the
-  supervisor blocks on fsync of the manifest and directories.
+  copy); ``fut.staged`` is done when ``save()`` returns. With ``async_staging`` a
+  stager thread plans and copies, and ``save()`` returns at once.
+- The supervisor thread owns every socket (see :mod:`zckpt.supervisor`); it only
+  relays small messages, so a busy training loop holding the GIL barely delays a save.
+- A cleanup thread removes the temp directories of failed saves.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class PoolStats:
 
 
 class _Save:
-    """Book-keeping of one save in flight (touched by supervisor and committer threads)."""
+    """Book-keeping of one save in flight (touched by trainer, stager, supervisor and cleanup threads)."""
 
     def __init__(self, sid: int, future: SaveFuture, tmp_dirs: list[str], finals: list[str],
                  bufset: BufferSet, manifest: dict[str, Any], shards: int) -> None:
@@ -160,16 +162,14 @@ class CheckpointPool:
         self._counts = {"started": 0, "committed": 0, "failed": 0}
         self._swept: set[str] = set()
         self._async_pending: set[SaveFuture] = set()  # saves still planning/copying on the stager
-        self._closed_event = threading.Event()
         try:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
         except Exception as exc:
             raise TypeError(f"init_fn, init_args, writer_factory or writer_kwargs cannot be pickled: {exc}") from exc
         self._arena = Arena(cfg.staging_buffers, name=f"{os.getpid()}-{id(self):x}")
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="zckpt-commit")
+        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="zckpt-cleanup")
         self._stager = ThreadPoolExecutor(1, thread_name_prefix="zckpt-stage")
         self._supervisor = Supervisor(cfg, payload, self._MODE, self._on_broken)
-        self._restarts_base = 0
         t0 = time.perf_counter()
         self._supervisor.start()
         # Bounded: the supervisor kills a worker at init_timeout_s; the margin covers reaping.
@@ -183,7 +183,7 @@ class CheckpointPool:
                 self._state = PoolState.READY
         self.startup_s = time.perf_counter() - t0
         logger.info("checkpoint pool ready: %d workers in %.3fs", cfg.num_workers, self.startup_s)
-        self._finalizer = weakref.finalize(self, _finalize, self._supervisor, self._arena, self._committer)
+        self._finalizer = weakref.finalize(self, _finalize, self._supervisor, self._arena, self._cleanup)
 
     # --- public surface ----------------------------------------------------------------
     @property
@@ -491,7 +491,7 @@ class CheckpointPool:
         if save.error is None:
             self._request_commit(save, slot=index)
         else:
-            self._committer.submit(self._abandon, save)
+            self._cleanup.submit(self._abandon, save)
 
     def _request_commit(self, save: _Save, slot: int) -> None:
         """Fill in the checksums and have a worker (the one that just finished) commit.
@@ -509,7 +509,7 @@ class CheckpointPool:
                 rec["write_s"] = round(fr.write_s, 6)
                 rec["hash_s"] = round(fr.hash_s, 6)
         except (ZckptError, KeyError, IndexError) as exc:
-            self._committer.submit(self._abandon, save, exc)
+            self._cleanup.submit(self._abandon, save, exc)
             return
         save.manifest["created_unix"] = time.time()
         job = P.CommitJob(save.id, save.tmp_dirs, save.finals, save.manifest, self.config.fsync,
@@ -522,7 +522,7 @@ class CheckpointPool:
         """Runs on the supervisor thread when the commit job answers."""
         if exc is not None:
             logger.error("commit of %s failed: %s", save.finals[0], exc)
-            self._committer.submit(self._abandon, save, exc)
+            self._cleanup.submit(self._abandon, save, exc)
             return
         with self._lock:
             self._saves.pop(save.id, None)
@@ -560,10 +560,10 @@ class CheckpointPool:
             if save.pending:
                 save.pending.clear()
                 self._arena.release(save.bufset)
-                self._committer.submit(self._abandon, save,
+                self._cleanup.submit(self._abandon, save,
                                        PoolClosedError("the pool shut down before the save finished"))
         self._stager.shutdown(wait=True)  # a copy in progress ends at memory speed
-        self._committer.shutdown(wait=True)
+        self._cleanup.shutdown(wait=True)
         self._arena.close()
         with self._lock:
             self._state = PoolState.CLOSED
@@ -571,12 +571,12 @@ class CheckpointPool:
             self._finalizer.detach()
 
 
-def _finalize(supervisor: Supervisor, arena: Arena, committer: ThreadPoolExecutor) -> None:
+def _finalize(supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor) -> None:
     """Last resort when a pool is garbage-collected or the interpreter exits unclosed."""
     if supervisor.is_alive():
         supervisor.kill_now()
         supervisor.join(timeout=5.0)
-    committer.shutdown(wait=False)
+    cleanup.shutdown(wait=False)
     arena.close()
 
 
