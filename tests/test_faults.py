@@ -139,7 +139,8 @@ def test_sigstop_while_writing_is_declared_dead_within_three_intervals(make_pool
     # The message reports the silence the supervisor measured: it must be past the limit
     # and well within 3 intervals plus the poll cadence.
     silent = float(info.value.args[0].split("last heard ")[1].split("s ago")[0])
-    assert cfg.dead_after_s <= silent <= cfg.dead_after_s + cfg.heartbeat_interval_s + 0.5
+    # (the message rounds to 10 ms)
+    assert cfg.dead_after_s - 0.01 <= silent <= cfg.dead_after_s + cfg.heartbeat_interval_s + 0.5
     assert detected_after < 10  # generous bound for a loaded machine
     (gate / "open").touch()
     wait_until(lambda: len(pool.worker_pids) == 1 and victim not in pool.worker_pids, 20, "a replacement")

@@ -296,12 +296,7 @@ class Supervisor(threading.Thread):
         """Kill (if needed) and reap a worker, fail its job, and replace it unless stopping."""
         was = slot.state
         assert slot.proc is not None
-        if slot.proc.poll() is None:
-            kill_quietly(slot.proc.pid, signal.SIGKILL)
-            try:
-                slot.proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                logger.error("%s did not die within 5s of SIGKILL", slot.who())
+        self._kill_and_reap(slot)
         with self._lock:
             slot.state = SlotState.DEAD
             self._close_pidfd(slot)
@@ -352,17 +347,26 @@ class Supervisor(threading.Thread):
         for slot in self._slots:
             if slot.proc is None:
                 continue
-            if slot.proc.poll() is None:
-                try:
-                    slot.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    kill_quietly(slot.proc.pid, signal.SIGKILL)
-                    try:
-                        slot.proc.wait(timeout=2.0)
-                    except subprocess.TimeoutExpired:
-                        logger.error("%s survived SIGKILL", slot.who())
+            self._kill_and_reap(slot, grace_s=max(0.0, deadline - time.monotonic()))
             with self._lock:
                 slot.state = SlotState.DEAD
+
+    def _kill_and_reap(self, slot: _Slot, grace_s: float = 0.0) -> None:
+        """Let a worker exit within ``grace_s``, else SIGKILL it; reap it either way (bounded)."""
+        assert slot.proc is not None
+        if slot.proc.poll() is not None:
+            return
+        if grace_s > 0:
+            try:
+                slot.proc.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        kill_quietly(slot.proc.pid, signal.SIGKILL)
+        try:
+            slot.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            logger.error("%s survived SIGKILL for 5s", slot.who())
 
     def _break(self, exc: BaseException) -> None:
         if self._broken:
