@@ -232,6 +232,38 @@ def test_workers_exit_when_the_trainer_dies(tmp_path, sig):
                "the dead trainer's socket directory to be removed")
 
 
+SILENT_TRAINER = textwrap.dedent("""
+    import sys, time, torch, zckpt
+    cfg = zckpt.PoolConfig(fsync=False, orphan_timeout_s=1.0, heartbeat_interval_s=0.2)
+    pool = zckpt.CheckpointPool(num_workers=2, config=cfg)
+    print(" ".join(map(str, pool.worker_pids)), flush=True)
+    while True:
+        time.sleep(0.1)
+""")
+
+
+def test_workers_exit_when_a_live_trainer_goes_silent(tmp_path):
+    # The third liveness layer: the parent is alive (no death signal, same ppid) but
+    # stopped, so its heartbeats stop; workers give up after orphan_timeout_s.
+    script = tmp_path / "trainer.py"
+    script.write_text(SILENT_TRAINER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        pids = [int(p) for p in trainer.stdout.readline().split()]
+        assert len(pids) == 2
+        trainer.send_signal(signal.SIGSTOP)
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 30, "workers of a silent trainer to exit")
+        trainer.send_signal(signal.SIGCONT)
+    finally:
+        trainer.kill()
+        trainer.wait(timeout=30)
+    # Killed with no worker left to clean up after it: the next pool's sweep does.
+    from zckpt._proc import sweep_stale_ipc_dirs
+    sweep_stale_ipc_dirs(tempfile.gettempdir())
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"zckpt-{trainer.pid}-*"))
+
+
 def test_workers_ignore_ctrl_c(make_pool, tmp_path):
     pool = make_pool(num_workers=2, config=PoolConfig(**FAST))
     pids = pool.worker_pids

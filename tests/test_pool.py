@@ -410,3 +410,36 @@ def test_async_staging_bad_input_fails_the_futures(make_pool, tmp_path):
         fut.result(timeout=30)
     assert not os.path.exists(tmp_path / "root" / "c")
     assert pool.stats.saves_failed == 1
+
+
+def test_two_staging_buffers_let_the_next_save_stage_while_one_writes(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    from _writers import GateWriter
+    from conftest import wait_until
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, staging_buffers=2),
+                     writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    first = pool.save({"a": torch.ones(1000)}, tmp_path / "s1")
+    wait_until(lambda: any(f.startswith("started") for f in os.listdir(gate)), 30, "the first write")
+    second = pool.save({"a": torch.full((1000,), 2.0)}, tmp_path / "s2")  # stages into the spare set
+    assert second.staged.done() and not first.done()
+    (gate / "open").touch()
+    assert first.result(timeout=60) and second.result(timeout=60)
+    assert zckpt.load(tmp_path / "s2")["a"][0].item() == 2.0
+
+
+def test_one_staging_buffer_waits_for_the_write_with_a_deadline(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    from _writers import GateWriter
+    from conftest import wait_until
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, staging_buffers=1, save_timeout_s=30.0),
+                     writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    first = pool.save({"a": torch.ones(1000)}, tmp_path / "s1")
+    wait_until(lambda: any(f.startswith("started") for f in os.listdir(gate)), 30, "the first write")
+    # The buffer is busy until the first save is written: a short deadline expires.
+    with pytest.raises(TimeoutError, match="no staging buffer came free"):
+        pool._arena.acquire([4096], timeout_s=0.2)
+    (gate / "open").touch()
+    first.result(timeout=60)
+    pool.save({"a": torch.ones(1000)}, tmp_path / "s2").result(timeout=60)
