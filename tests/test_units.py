@@ -167,3 +167,12 @@ def test_plan_stores_shared_storage_once():
     storages, infos = collect_storages([("a", w), ("b", w.t()), ("c", w[3])])
     assert len(storages) == 1 and [i.sid for i in infos] == [0, 0, 0]
     assert infos[2].storage_offset == 30
+
+
+def test_public_names_resolve_lazily():
+    import zckpt
+    assert sorted(set(zckpt.__all__) - {"__version__"}) == sorted(zckpt._EXPORTS)
+    for name in zckpt.__all__:
+        assert getattr(zckpt, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        zckpt.nope  # noqa: B018

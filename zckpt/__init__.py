@@ -28,7 +28,12 @@ _EXPORTS = {
     "CorruptCheckpointError": "errors", "PoolClosedError": "errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Spelled out (not derived from _EXPORTS) so type checkers and linters can read it.
+__all__ = [
+    "CheckpointPool", "CorruptCheckpointError", "LocalFileWriter", "PoolClosedError", "PoolConfig",
+    "PoolState", "PoolStats", "SaveFuture", "ShardWriter", "WorkerDiedError", "WorkerInitError",
+    "ZckptError", "__version__", "latest", "load", "verify",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .commit import latest

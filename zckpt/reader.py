@@ -287,7 +287,7 @@ def _stream_digest(f: Any, offset: int, nbytes: int, block: int = 16 << 20) -> O
 
 
 def _check_header(fpath: str, header: dict[str, Any], fi: int, body: dict[str, Any], data_start: int) -> None:
-    for sid, st in enumerate(body["storages"]):
+    for st in body["storages"]:
         for part in st["parts"]:
             if part["file"] != fi:
                 continue
