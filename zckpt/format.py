@@ -48,8 +48,14 @@ _ST_CODES: dict[str, str] = {
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
+    """``torch.float32`` -> ``"float32"`` (memoised: it runs per tensor on the hot path)."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+_NAMES: dict[torch.dtype, str] = {}
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -95,13 +95,13 @@ class SavePlan:
 def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[StorageInfo], list[TensorInfo]]:
     """Group tensors by the storage they view, in first-seen order."""
     storages: list[StorageInfo] = []
-    by_key: dict[tuple[str, int], int] = {}
+    by_key: dict[tuple[torch.device, int], int] = {}
     infos: list[TensorInfo] = []
     for key, t in tensors:
         st = t.untyped_storage()
         nbytes = st.nbytes()
         # Empty storages share null pointers: each gets its own entry.
-        skey = (str(t.device), st.data_ptr()) if nbytes else None
+        skey = (t.device, st.data_ptr()) if nbytes else None
         sid = by_key.get(skey) if skey is not None else None
         if sid is None:
             sid = len(storages)
@@ -114,7 +114,9 @@ def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[Stor
             storages.append(StorageInfo(sid, nbytes, dtype, key, shape, t))
         infos.append(TensorInfo(
             key=key, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
-            storage_offset=int(t.storage_offset()), is_param=isinstance(t, torch.nn.Parameter),
+            # type() over isinstance(): Parameter's metaclass makes isinstance slow, and
+            # flatten() already refused other tensor subclasses.
+            storage_offset=int(t.storage_offset()), is_param=type(t) is torch.nn.Parameter,
             requires_grad=t.requires_grad,
         ))
     return storages, infos

@@ -99,7 +99,7 @@ class _Save:
     """Book-keeping of one save in flight (touched by trainer, stager, supervisor and cleanup threads)."""
 
     def __init__(self, sid: int, future: SaveFuture, tmp_dirs: list[str], finals: list[str],
-                 bufset: BufferSet, manifest: dict[str, Any], shards: int) -> None:
+                 bufset: BufferSet, manifest: dict[str, Any], shards: int, plan: SavePlan, t0: float) -> None:
         self.id = sid
         self.future = future
         self.tmp_dirs = tmp_dirs
@@ -109,7 +109,8 @@ class _Save:
         self.pending = set(range(shards))
         self.results: dict[int, P.JobResult] = {}
         self.error: Optional[BaseException] = None
-        self.t0 = time.perf_counter()
+        self.plan = plan
+        self.t0 = t0  # when save() was called
 
 
 class CheckpointPool:
@@ -272,7 +273,7 @@ class CheckpointPool:
             for tmp in tmp_dirs:
                 C.discard(tmp)
             raise
-        save = _Save(-1, fut, tmp_dirs, finals, bufset, manifest, len(plan.shards))
+        save = _Save(-1, fut, tmp_dirs, finals, bufset, manifest, len(plan.shards), plan, t0)
         self._register(save)
         self._staged(save, t0)
         self._dispatch(save, tasks, writer_kwargs)
@@ -341,10 +342,9 @@ class CheckpointPool:
         storages, infos = collect_storages(tensors)
         plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
                          self.config.split_large_tensors)
-        storage_recs, tensor_recs = manifest_records(plan)
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
-            "tree": tree, "storages": storage_recs, "tensors": tensor_recs,
+            "tree": tree,  # "storages" and "tensors" are filled in at commit, off the hot path
             "metadata": _json_metadata(metadata), "torch_version": str(torch.__version__),
             "files": [{"name": sh.name, "nbytes": sh.nbytes, "worker": sh.index,
                        "chunks": [list(c) for c in sh.chunks]} for sh in plan.shards],
@@ -500,6 +500,7 @@ class CheckpointPool:
         itself, does not hold up the manifest's writes, fsyncs and renames.
         """
         try:
+            save.manifest["storages"], save.manifest["tensors"] = manifest_records(save.plan)
             for i, rec in enumerate(save.manifest["files"]):
                 fr = save.results[i].files[0]
                 if fr.name != rec["name"] or fr.nbytes != rec["nbytes"]:
