@@ -249,6 +249,10 @@ class Worker:
         self._drop_unlisted(job.live_keys)
         for seg in job.segments:
             self._mapping(seg)
+        # Warm what the first real save would otherwise pay for: the hash thread and
+        # the commit module.
+        self._hasher.submit(int).result()
+        from . import commit  # noqa: F401
         return P.JobResult(job.job_id, [])
 
     def _mapping(self, seg: P.SegmentRef) -> Any:
