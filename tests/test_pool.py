@@ -443,3 +443,14 @@ def test_one_staging_buffer_waits_for_the_write_with_a_deadline(make_pool, tmp_p
     (gate / "open").touch()
     first.result(timeout=60)
     pool.save({"a": torch.ones(1000)}, tmp_path / "s2").result(timeout=60)
+
+
+def test_lazy_conjugate_views_are_saved_as_they_read(make_pool, tmp_path):
+    pool = make_pool(num_workers=1)
+    z = torch.randn(5, dtype=torch.complex64)
+    sd = {"conj": z.conj(), "neg": torch._neg_view(torch.randn(4, dtype=torch.complex64))}
+    assert sd["conj"].is_conj() and sd["neg"].is_neg()
+    pool.save(sd, tmp_path / "c").result(timeout=60)
+    back = zckpt.load(tmp_path / "c")
+    assert torch.equal(back["conj"], sd["conj"].resolve_conj())
+    assert torch.equal(back["neg"], sd["neg"].resolve_neg())

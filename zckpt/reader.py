@@ -179,8 +179,12 @@ def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optiona
 
 def _load_into(directory: str, body: dict[str, Any], paths: list[str], skeleton: Any, into: Any,
                checks: bool, strict: bool, num_threads: Optional[int]) -> Any:
-    _, named = flatten(into)
+    _, named = flatten(into, resolve_lazy=False)
     targets: dict[str, torch.Tensor] = dict(named)
+    lazy = [k for k, t in named if t.is_conj() or t.is_neg()]
+    if lazy:
+        raise ValueError(f"load(into=...): {lazy} are lazy conjugate/negative views; "
+                         "loading into them would not write the tensors they view")
     recs = body["tensors"]
     stored = {r["key"] for r in recs}
     missing = sorted(stored - targets.keys())

@@ -34,8 +34,11 @@ def key_path(parts: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in parts) if parts else "<root>"
 
 
-def flatten(obj: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+def flatten(obj: Any, resolve_lazy: bool = True) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
     """Return the skeleton of ``obj`` and its tensors in visiting order, with key paths.
+
+    With ``resolve_lazy``, lazy conjugate/negative views are replaced by what they read
+    as (a copy); without it they are returned as they are.
 
     Raises:
         TypeError: for a reference cycle, or a tensor zckpt cannot store, naming the key.
@@ -46,6 +49,10 @@ def flatten(obj: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
     def visit(node: Any, path: tuple[Any, ...]) -> Any:
         if isinstance(node, torch.Tensor):
             _check_storable(node, path)
+            if resolve_lazy and (node.is_conj() or node.is_neg()):
+                # A lazy conj/neg view's storage holds the un-conjugated values and the
+                # manifest has no bit for it: store the values it reads as (a copy).
+                node = node.resolve_conj().resolve_neg()
             tensors.append((key_path(path), node))
             return TensorRef(len(tensors) - 1)
         if isinstance(node, (dict, list, tuple)):
