@@ -5,23 +5,35 @@ writes the manifest there, fsyncs it and the directory, renames the directory to
 ``<path>`` and fsyncs the parent. Only a directory holding a manifest is a checkpoint:
 :func:`latest` and retention never see temp directories, and a crash at any moment
 leaves every committed checkpoint intact.
+
+Order is what the commit recorded, never a file time (a copy, a restore or ``rsync``
+without ``-t`` rewrites those): the committer stamps the manifest with
+``{"sequence": N, "unix_time_ns": T}``, N being 1 + the largest sequence already
+committed under the same root. See :func:`committed` for the full rule.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import shutil
+import stat
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Optional, Union
 
 from ._proc import pid_alive
-from .manifest import MANIFEST_NAME, write_manifest
+from .errors import CorruptCheckpointError
+from .manifest import (MANIFEST_NAME, commit_record, peek_commit_record, read_manifest, with_commit_record,
+                       write_manifest)
 
 __all__ = ["temp_dir_for", "is_temp_dir", "fsync_dir", "commit_dir", "latest", "committed",
-           "apply_retention", "sweep_temp_dirs", "discard"]
+           "next_sequence", "apply_retention", "sweep_temp_dirs", "discard"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +62,16 @@ def fsync_dir(path: str) -> None:
 def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -> None:
     """Write the manifest into ``tmp`` and atomically make it ``final``.
 
+    The manifest written is a copy of ``manifest`` (which is left unchanged, so one body
+    can be committed under several roots) stamped with this commit's record: the next
+    sequence of ``final``'s root and the time now.
+
     Raises:
         FileExistsError: ``final`` appeared meanwhile; ``tmp`` is left for the caller.
     """
-    write_manifest(tmp, manifest, fsync=fsync)
+    final = os.path.normpath(final)
+    body = with_commit_record(manifest, next_sequence(os.path.dirname(os.path.abspath(final))), time.time_ns())
+    write_manifest(tmp, body, fsync=fsync)
     if fsync:
         fsync_dir(tmp)
     if os.path.lexists(final):
@@ -66,6 +84,10 @@ def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -
         raise
     if fsync:
         fsync_dir(os.path.dirname(final) or ".")
+    # This process just wrote that file: remember its key so retention does not re-read it.
+    st = _stat_manifest(final)
+    if st is not None:
+        _remember(_manifest_path(final), st, _key_of(os.path.basename(final), body, st))
 
 
 def discard(path: str) -> None:
@@ -75,40 +97,181 @@ def discard(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def committed(root: PathLike) -> list[str]:
-    """Committed checkpoints directly under ``root``, oldest first (by commit time)."""
-    root = os.fspath(root)
+# Order keys: (1, sequence, unix_time_ns, name) for a recorded commit; (0, 0, created_unix
+# in ns, else the manifest's mtime in ns, name) for a manifest without a record.
+_Key = tuple[int, int, int, str]
+# Verified keys by absolute manifest path, valid while the file's (dev, inode, size,
+# mtime, ctime) are unchanged: a worker's commits and retention then read each manifest
+# once, not on every commit. A manifest that failed verification is remembered as None
+# (not committed) the same way. Bounded; least recently stored dropped first.
+_CACHE_MAX = 4096
+_cache: "OrderedDict[str, tuple[tuple[int, ...], Optional[_Key]]]" = OrderedDict()
+_MISS = object()
+_cache_lock = threading.Lock()
+
+
+def _sig(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _manifest_path(path: str) -> str:
+    return os.path.abspath(os.path.join(path, MANIFEST_NAME))
+
+
+def _stat_manifest(path: str) -> Optional[os.stat_result]:
+    try:
+        st = os.stat(os.path.join(path, MANIFEST_NAME))
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _cached(mpath: str, st: os.stat_result) -> Any:
+    """The cached key (None: known not to verify), or ``_MISS``."""
+    with _cache_lock:
+        hit = _cache.get(mpath)
+    return hit[1] if hit is not None and hit[0] == _sig(st) else _MISS
+
+
+def _remember(mpath: str, st: os.stat_result, key: Optional[_Key]) -> None:
+    with _cache_lock:
+        _cache[mpath] = (_sig(st), key)
+        _cache.move_to_end(mpath)
+        while len(_cache) > _CACHE_MAX:
+            _cache.popitem(last=False)
+
+
+def _forget(mpath: str) -> None:
+    with _cache_lock:
+        _cache.pop(mpath, None)
+
+
+def _key_of(name: str, body: dict[str, Any], st: os.stat_result) -> _Key:
+    rec = commit_record(body)
+    if rec is not None:
+        return (1, rec[0], rec[1], name)
+    created = body.get("created_unix")
+    if type(created) in (int, float) and math.isfinite(created) and 0 <= created < 1e11:
+        return (0, 0, int(created * 1e9), name)
+    return (0, 0, st.st_mtime_ns, name)
+
+
+def _entries(root: str) -> list[str]:
     try:
         names = os.listdir(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    found = []
-    for name in names:
-        if is_temp_dir(name):
-            continue
-        path = os.path.join(root, name)
-        try:
-            st = os.stat(os.path.join(path, MANIFEST_NAME))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        found.append((st.st_mtime_ns, name, path))
-    found.sort()
-    return [p for _, _, p in found]
+    return [os.path.join(root, n) for n in names if not is_temp_dir(n)]
+
+
+def _verified_key(path: str) -> Optional[_Key]:
+    """The order key of the committed checkpoint at ``path``, from its manifest read in
+    full and verified (or from the cache while that file is unchanged); None if ``path``
+    is not a committed checkpoint."""
+    st = _stat_manifest(path)
+    if st is None:
+        return None
+    mpath = _manifest_path(path)
+    key = _cached(mpath, st)
+    if key is not _MISS:
+        return key
+    try:
+        body = read_manifest(path)
+    except (OSError, ValueError, CorruptCheckpointError) as exc:
+        logger.debug("skipping %s: its manifest does not verify (%s)", path, exc)
+        key = None
+    else:
+        key = _key_of(os.path.basename(path), body, st)
+    # st predates the read: had the file changed in between, its next stat will not
+    # match this signature, and it is read again.
+    _remember(mpath, st, key)
+    return key
+
+
+def _hint(path: str) -> Optional[_Key]:
+    """A cheap, unverified order key: cached, else from the manifest's first bytes; a
+    manifest without a record there (old or damaged) is read and verified in full."""
+    st = _stat_manifest(path)
+    if st is None:
+        return None
+    key = _cached(_manifest_path(path), st)
+    if key is not _MISS:
+        return key
+    rec = peek_commit_record(path)
+    if rec is not None:
+        return (1, rec[0], rec[1], os.path.basename(path))
+    return _verified_key(path)
+
+
+def next_sequence(root: PathLike) -> int:
+    """1 + the largest commit sequence among the manifests directly under ``root``.
+
+    Reads only the first bytes of manifests not yet cached, in full only those without
+    a record there (old-style or damaged ones; the result is cached). An unverified
+    record can only make the result larger, which is harmless: it must exceed every
+    real one.
+    """
+    top = 0
+    for path in _entries(os.fspath(root)):
+        key = _hint(path)
+        if key is not None:
+            top = max(top, key[1])
+    return top + 1
+
+
+def committed(root: PathLike) -> list[str]:
+    """Committed checkpoints directly under ``root``, oldest first, by what each commit
+    recorded in its manifest, never by file times.
+
+    The order is by commit sequence, then the recorded commit time, then name. A
+    manifest without a record (written by a zckpt that did not record one) sorts before
+    every recorded one, so an old checkpoint never outranks a new one; among themselves
+    such manifests go by their ``created_unix``, else their file's mtime, then name.
+    A directory whose manifest is missing, unreadable or fails verification is not
+    committed: it is left out (logged at debug level).
+    """
+    keyed = []
+    for path in _entries(os.fspath(root)):
+        key = _verified_key(path)
+        if key is not None:
+            keyed.append((key, path))
+    keyed.sort()
+    return [p for _, p in keyed]
 
 
 def latest(root: PathLike) -> Optional[str]:
     """The newest committed checkpoint directly under ``root``, or None.
 
-    Temp directories (``*.tmp-*``) and directories without a manifest are ignored.
+    Ordered as :func:`committed` orders them. Temp directories (``*.tmp-*``) and
+    directories without a verifying manifest are ignored. Candidates are ranked from
+    the first bytes of their manifests, then verified in full from the newest down
+    until one passes, so only the winner's manifest (plus any damaged or old-style
+    ones) is read in full.
     """
-    done = committed(root)
-    return done[-1] if done else None
+    hints = []
+    for path in _entries(os.fspath(root)):
+        hint = _hint(path)
+        if hint is not None:
+            hints.append((hint, path))
+    hints.sort(reverse=True)
+    for hint, path in hints:
+        key = _verified_key(path)
+        if key is None:
+            continue
+        if key == hint:
+            return path
+        # The verified body disagrees with the file's first bytes (not something
+        # write_manifest produces): rank every checkpoint by its verified manifest.
+        done = committed(root)
+        return done[-1] if done else None
+    return None
 
 
 def apply_retention(root: str, keep_last: int, protect: Optional[str] = None) -> list[str]:
     """Delete all but the newest ``keep_last`` committed checkpoints under ``root``.
 
-    Never deletes the newest one, ``protect``, or anything uncommitted.
+    Newest as :func:`committed` orders them. Only checkpoints whose manifests verify are
+    candidates; never deletes the newest one, ``protect``, or anything uncommitted.
     """
     done = committed(root)
     keep = set(done[-max(1, keep_last):])
@@ -124,6 +287,8 @@ def apply_retention(root: str, keep_last: int, protect: Optional[str] = None) ->
             os.unlink(os.path.join(path, MANIFEST_NAME))
         except FileNotFoundError:
             continue
+        finally:
+            _forget(_manifest_path(path))
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         logger.info("retention: removed %s", path)
