@@ -1,12 +1,14 @@
 """Fixtures that own cleanup: every pool is killed in ``finally`` and leaks fail the test.
 
-``no_leaks`` (autouse) snapshots child processes, ``/dev/shm`` and zckpt's ipc
-directories before a test and, after it, kills whatever worker children remain and
-fails the test if any process, segment or socket directory was left behind.
+``no_leaks`` (autouse) snapshots child processes, ``/dev/shm``, zckpt's ipc
+directories, and this process's staging memfds (open fds and mappings) before a test
+and, after it, kills whatever worker children remain and fails the test if any
+process, segment, socket directory or arena memfd was left behind.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import tempfile
@@ -76,9 +78,38 @@ def _shm() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if "zckpt" in n or pid in n}
 
 
+def _memfd_fds() -> set[str]:
+    """This process's open fds on an arena memfd, as ``fd -> target`` (the arena has no /dev/shm name)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own fd, closed by now
+            continue
+        if target.startswith("/memfd:zckpt-"):
+            out.add(f"{fd} -> {target}")
+    return out
+
+
+def _memfd_maps() -> set[str]:
+    """This process's mappings of arena memfds (they outlive the fd while a tensor holds them)."""
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[-1].strip() + " @ " + line.split()[0] for line in f
+                if "memfd:zckpt-" in line}
+
+
+def _memfd_leaks(before_fds: set[str], before_maps: set[str]) -> tuple[set[str], set[str]]:
+    fds, maps = _memfd_fds() - before_fds, _memfd_maps() - before_maps
+    if fds or maps:  # a mapping held only by garbage (a cycle) is not a leak: collect, then look again
+        gc.collect()
+        fds, maps = _memfd_fds() - before_fds, _memfd_maps() - before_maps
+    return fds, maps
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     before_shm, before_ipc = _shm(), _ipc_dirs()
+    before_fds, before_maps = _memfd_fds(), _memfd_maps()
     before_children = worker_children()
     yield
     leaked = worker_children() - before_children
@@ -90,9 +121,12 @@ def no_leaks() -> Iterator[None]:
             pass
     new_shm = _shm() - before_shm
     new_ipc = _ipc_dirs() - before_ipc
+    new_fds, new_maps = _memfd_leaks(before_fds, before_maps)
     assert not leaked, f"worker processes outlived their pool: {sorted(leaked)}"
     assert not new_shm, f"/dev/shm entries leaked: {sorted(new_shm)}"
     assert not new_ipc, f"ipc socket directories leaked: {sorted(new_ipc)}"
+    assert not new_fds, f"staging arena memfds left open: {sorted(new_fds)}"
+    assert not new_maps, f"staging arena memfds left mapped: {sorted(new_maps)}"
 
 
 @pytest.fixture
@@ -112,3 +146,18 @@ def make_pool() -> Iterator[Callable[..., zckpt.CheckpointPool]]:
     finally:
         for pool in pools:
             pool.kill()
+
+
+# --- hypothesis profiles (tests/test_differential.py) ------------------------------------
+# ZCKPT_HYPOTHESIS_PROFILE=ci (default: reproducible, fast) or thorough (5000 examples).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # only test_differential.py needs it (the "test" extra installs it)
+    pass
+else:
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, database=None,
+                              print_blob=True, suppress_health_check=_slow_ok)
+    settings.register_profile("thorough", max_examples=5000, deadline=None, print_blob=True,
+                              suppress_health_check=_slow_ok)
+    settings.load_profile(os.environ.get("ZCKPT_HYPOTHESIS_PROFILE", "ci"))

@@ -207,13 +207,23 @@ def test_graceful_termination(processes):
     assert proc.exitcode == 0  # it exited by itself after TERMINATE
 
 
-def test_forced_termination(processes):
-    cp = processes()
-    cp.process_creation_future.result()
+def test_forced_termination(processes, tmp_path):
+    # The worker is inside a write that never ends, so it never gets to act on TERMINATE:
+    # only close()'s kill can end it before the (long) shutdown timeout.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cp = processes(writer_fn=gate_writer_init_fn, writer_args={"gate": str(gate)}, shutdown_timeout=30)
+    fut = cp.write(state(), str(tmp_path / "ckpt"))
+    wait_for_file(str(gate / "started"), 30)
     proc = cp.process.processes[0]
     cp.process.join = lambda timeout=None: False  # graceful exit "times out"
+    t0 = time.monotonic()
     cp.close()
+    assert time.monotonic() - t0 < 10  # killed by close(), not at the supervisor's 30 s deadline
     assert not proc.is_alive()
+    assert proc.exitcode == -signal.SIGKILL
+    with pytest.raises(compat.ChildProcessTerminatedError, match="Child process terminated unexpectedly"):
+        fut.result(timeout=10)
 
 
 def test_dead_worker_makes_write_fail(processes, tmp_path):
@@ -263,7 +273,7 @@ def test_close_is_bounded_when_a_write_hangs(processes, tmp_path):
     cp.close()
     assert time.monotonic() - t0 < 15  # the original would wait for the write forever
     assert not proc.is_alive()
-    with pytest.raises(Exception):
+    with pytest.raises(compat.ChildProcessTerminatedError, match="Child process terminated unexpectedly"):
         fut.result(timeout=10)
 
 

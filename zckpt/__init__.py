@@ -25,21 +25,21 @@ _EXPORTS = {
     "latest": "commit",
     "ShardWriter": "writers", "LocalFileWriter": "writers",
     "ZckptError": "errors", "WorkerDiedError": "errors", "WorkerInitError": "errors",
-    "CorruptCheckpointError": "errors", "PoolClosedError": "errors",
+    "CorruptCheckpointError": "errors", "PoolClosedError": "errors", "ReentrantSaveError": "errors",
 }
 
 # Spelled out (not derived from _EXPORTS) so type checkers and linters can read it.
 __all__ = [
     "CheckpointPool", "CorruptCheckpointError", "LocalFileWriter", "PoolClosedError", "PoolConfig",
-    "PoolState", "PoolStats", "SaveFuture", "ShardWriter", "WorkerDiedError", "WorkerInitError",
-    "ZckptError", "__version__", "latest", "load", "verify",
+    "PoolState", "PoolStats", "ReentrantSaveError", "SaveFuture", "ShardWriter", "WorkerDiedError",
+    "WorkerInitError", "ZckptError", "__version__", "latest", "load", "verify",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .commit import latest
     from .config import PoolConfig
-    from .errors import (CorruptCheckpointError, PoolClosedError, WorkerDiedError, WorkerInitError,
-                         ZckptError)
+    from .errors import (CorruptCheckpointError, PoolClosedError, ReentrantSaveError, WorkerDiedError,
+                         WorkerInitError, ZckptError)
     from .pool import CheckpointPool, PoolState, PoolStats, SaveFuture
     from .reader import load, verify
     from .writers import LocalFileWriter, ShardWriter

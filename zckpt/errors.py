@@ -19,6 +19,7 @@ __all__ = [
     "WorkerInitError",
     "CorruptCheckpointError",
     "PoolClosedError",
+    "ReentrantSaveError",
     "RemoteTraceback",
     "describe_exit",
 ]
@@ -46,6 +47,15 @@ class CorruptCheckpointError(ZckptError):
 
 class PoolClosedError(ZckptError):
     """The pool was closed, killed or broken, so it takes no more work."""
+
+
+class ReentrantSaveError(ZckptError, RuntimeError):
+    """A pool call that would wait on a buffer or lock its own thread holds.
+
+    Raised at once, instead of deadlocking: ``save()`` or ``reserve()`` entered again on a
+    thread already inside one of them (a signal handler or callback interrupting it), or
+    a pool call made from one of the pool's own threads (a ``SaveFuture`` callback).
+    """
 
 
 class RemoteTraceback(Exception):

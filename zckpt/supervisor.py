@@ -48,6 +48,7 @@ __all__ = ["Supervisor", "ShardJob", "SlotState"]
 logger = logging.getLogger(__name__)
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MAX_IPC_PATH = 100  # bytes of a socket path; sun_path holds 107 and a NUL
 
 
 class SlotState(enum.Enum):
@@ -110,15 +111,29 @@ class Supervisor(threading.Thread):
         self._lock = threading.Lock()
         self._slots = [_Slot(i) for i in range(config.num_workers)]
         self._commands: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+        # Check the socket path before creating anything, so that raising leaves no pipe
+        # or directory behind (mkdtemp appends 8 random characters to the prefix).
+        tmpdir = tempfile.gettempdir()
+        prefix = f"zckpt-{os.getpid()}-"
+        path_len = len(os.path.join(tmpdir, prefix + "x" * 8, "ctl"))
+        if path_len > _MAX_IPC_PATH:
+            raise OSError(f"the ipc socket path under TMPDIR={tmpdir!r} would be {path_len} bytes, over "
+                          f"{_MAX_IPC_PATH} (ipc paths stop at 107 bytes): set TMPDIR to a shorter directory")
+        sweep_stale_ipc_dirs(tmpdir)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Private 0700 directory: unpickling runs code, so only our user may connect.
-        sweep_stale_ipc_dirs(tempfile.gettempdir())
-        self._ipc_dir = tempfile.mkdtemp(prefix=f"zckpt-{os.getpid()}-")
-        os.chmod(self._ipc_dir, 0o700)
+        ipc_dir = None
+        try:
+            # Private 0700 directory: unpickling runs code, so only our user may connect.
+            ipc_dir = tempfile.mkdtemp(prefix=prefix, dir=tmpdir)
+            os.chmod(ipc_dir, 0o700)
+        except BaseException:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            if ipc_dir is not None:
+                shutil.rmtree(ipc_dir, ignore_errors=True)
+            raise
+        self._ipc_dir = ipc_dir
         self.endpoint = f"ipc://{self._ipc_dir}/ctl"
-        if len(self.endpoint) - len("ipc://") > 100:
-            raise OSError(f"ipc path {self.endpoint!r} is too long (ipc paths stop at 107 bytes); "
-                          "set TMPDIR to a shorter directory")
         self.started_ok = threading.Event()    # every worker ran its init
         self.start_error: Optional[BaseException] = None
         self._stopping = False                 # graceful shutdown under way
@@ -147,6 +162,10 @@ class Supervisor(threading.Thread):
         for pid in pids:
             kill_quietly(pid, signal.SIGKILL)
         self._command("kill", None)
+
+    def reset_locks_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's copy may be held by this thread, absent there)."""
+        self._lock = threading.Lock()
 
     @property
     def worker_pids(self) -> list[int]:
