@@ -13,7 +13,8 @@ from zckpt import PoolConfig
 from zckpt import protocol as P
 from zckpt.errors import ZckptError, describe_exit, pack_exception, unpack_exception
 from zckpt.plan import collect_storages, plan_save
-from zckpt.tree import TensorRef, flatten, from_json, to_json, unflatten
+from zckpt.tree import (Collector, comparable_path, decode_path, display_path, dump_skeleton, encode_path,
+                        iter_tensors, load_skeleton)
 
 
 # --- config --------------------------------------------------------------------------
@@ -112,22 +113,61 @@ def test_describe_exit():
 Point = collections.namedtuple("Point", "x y")
 
 
-def test_flatten_unflatten_and_json():
+def test_key_paths_are_typed_and_displayed_unambiguously():
     od = collections.OrderedDict(w=torch.ones(2))
     od._metadata = {"": {"version": 1}}
-    tree = {"m": od, 3: [torch.zeros(1), ("a", None)], (1, 2): 1.5, "inf": math.inf, "p": Point(1, torch.ones(1))}
-    skel, tensors = flatten(tree)
-    assert [k for k, _ in tensors] == ["m.w", "3.0", "p.1"]
-    assert isinstance(skel["m"]["w"], TensorRef)
-    back = unflatten(from_json(to_json(skel)), [t for _, t in tensors])
+    tree = {"m": od, 3: [torch.zeros(1), ("a", None)], "3": torch.ones(1), "a.b": torch.ones(1),
+            "a": {"b": torch.ones(1)}, (1, 2): torch.ones(1), "p": Point(1, torch.ones(1))}
+    paths = [p for p, _ in iter_tensors(tree)]
+    assert paths == [("m", "w"), (3, 0), ("3",), ("a.b",), ("a", "b"), ((1, 2),), ("p", 1)]
+    shown = [display_path(p) for p in paths]
+    assert shown == ["m.w", "[3][0]", "['3']", "['a.b']", "a.b", "[(1, 2)]", "p[1]"]
+    assert len(set(shown)) == len(shown)
+    for p in paths:
+        assert decode_path(encode_path(p)) == p == comparable_path(p)
+    encoded = [json_round(encode_path(p)) for p in paths]
+    assert len({repr(e) for e in encoded}) == len(paths)
+
+
+def json_round(x):
+    import json
+    return json.loads(json.dumps(x))
+
+
+def test_iter_tensors_survives_cycles_and_walks_shared_containers_twice():
+    shared = {"t": torch.ones(1)}
+    loop: list = [shared]
+    loop.append(loop)
+    tree = {"x": shared, "y": shared, "loop": loop}
+    assert [p for p, _ in iter_tensors(tree)] == [("x", "t"), ("y", "t"), ("loop", 0, "t")]
+
+
+def test_skeleton_pickle_keeps_types_and_identities():
+    od = collections.OrderedDict(w=torch.ones(2))
+    od._metadata = {"": {"version": 1}}
+    w = torch.arange(6.0)
+    tree = {"m": od, "p": Point(1, w), "again": w, "inf": math.inf, "c": collections.Counter(a=2)}
+    c = Collector()
+    c.walk(tree)
+    blob = dump_skeleton(tree, c)
+    assert b"arange" not in blob and len(blob) < 1024
+    tensors = [t for _, t in c.tensors]
+    back = load_skeleton(blob, lambda i: tensors[i], lambda sid, dt: None, weights_only=False)
     assert back["m"]._metadata == {"": {"version": 1}} and isinstance(back["m"], collections.OrderedDict)
-    assert back[3][1] == ("a", None) and back[(1, 2)] == 1.5 and back["inf"] == math.inf
-    assert type(back["p"]) is Point and back["p"].y is tensors[2][1]
+    assert type(back["p"]) is Point and back["p"].y is w and back["again"] is w
+    assert back["inf"] == math.inf and type(back["c"]) is collections.Counter
+    assert c.storage_of == [0, 1, 1]
 
 
 # --- planning ------------------------------------------------------------------------
+def _collect(obj):
+    c = Collector()
+    c.walk(obj)
+    return collect_storages(c)
+
+
 def _plan(tensors, workers, **kw):
-    storages, infos = collect_storages(list(tensors.items()))
+    storages, infos = _collect(tensors)
     return plan_save(storages, infos, workers, **kw)
 
 
@@ -164,7 +204,7 @@ def test_plan_entries_are_self_aligned():
 
 def test_plan_stores_shared_storage_once():
     w = torch.empty(10, 10)
-    storages, infos = collect_storages([("a", w), ("b", w.t()), ("c", w[3])])
+    storages, infos = _collect({"a": w, "b": w.t(), "c": w[3]})
     assert len(storages) == 1 and [i.sid for i in infos] == [0, 0, 0]
     assert infos[2].storage_offset == 30
 
@@ -172,7 +212,29 @@ def test_plan_stores_shared_storage_once():
 def test_public_names_resolve_lazily():
     import zckpt
     assert sorted(set(zckpt.__all__) - {"__version__"}) == sorted(zckpt._EXPORTS)
-    for name in zckpt.__all__:
-        assert getattr(zckpt, name) is not None
+    import importlib
+    for name in sorted(set(zckpt.__all__) - {"__version__"}):
+        # The very object its module defines (not the module, nor a stand-in).
+        home = importlib.import_module(f"zckpt.{zckpt._EXPORTS[name]}")
+        assert getattr(zckpt, name) is getattr(home, name), name
+        assert getattr(zckpt, name).__name__ == name
+    assert isinstance(zckpt.__version__, str) and zckpt.__version__.count(".") == 2
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         zckpt.nope  # noqa: B018
+
+
+class Box:
+    def __init__(self, *ts):
+        self.ts = ts
+
+
+def test_plan_entry_names_are_unique_even_when_names_repeat():
+    c = Collector()
+    tree = {"box": Box(torch.ones(3), torch.zeros(5))}
+    c.walk(tree)
+    dump_skeleton(tree, c)      # the two tensors are found inside the object: no key path
+    storages, infos = collect_storages(c)
+    assert [i.path for i in infos] == [None, None]
+    plan = plan_save(storages, infos, 1)
+    names = [p.name for p in plan.shards[0].pieces]
+    assert len(names) == 2 and len(set(names)) == 2

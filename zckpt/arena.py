@@ -81,13 +81,20 @@ class BufferSet:
 class Arena:
     """Buffer sets of segments; :meth:`acquire` hands one out, :meth:`release` returns it."""
 
-    def __init__(self, num_sets: int, name: str) -> None:
+    def __init__(self, num_sets: int, name: str, round_bytes: int = _ROUND) -> None:
         self._name = name
+        self._round = round_bytes  # segment sizes are multiples of this
         self._sets = [BufferSet(i, []) for i in range(num_sets)]
-        self._cond = threading.Condition()
+        # Re-entrant: a signal handler that reads the pool's stats or closes it may run
+        # on a thread that is inside acquire()/release() (a plain Lock would deadlock).
+        self._cond = threading.Condition(threading.RLock())
         self._closed = False
         self._next_id = 0
         self.allocations = 0      # segments ever created: flat after the first save
+
+    def reset_locks_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's copy may be held by a thread the child lacks)."""
+        self._cond = threading.Condition(threading.RLock())
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +151,7 @@ class Arena:
                 # The first allocation is exact (RSS overhead stays at 1x the state dict);
                 # a regrowth adds 1/8 so a state dict that keeps growing reallocates rarely.
                 regrow = i < len(bufset.segments)
-                nbytes = _round_up(need + (need // 8 if regrow else 0), _ROUND)
+                nbytes = _round_up(need + (need // 8 if regrow else 0), self._round)
                 t0 = time.perf_counter()
                 seg = Segment(key, nbytes)
                 logger.info("arena %s: allocated segment %s of %.1f MiB in %.3fs",

@@ -47,7 +47,8 @@ def _inspect(path: str) -> int:
         st = body["storages"][t["storage"]]
         where = ", ".join(f"{files[p['file']]['name']}@{p['offset']}" for p in st["parts"]) or "(empty)"
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        print(f"  {t['key']:<40} {t['dtype']:<14} {shape:<16} storage {t['storage']:<4} {where}")
+        name = t.get("name") or t.get("key") or "?"
+        print(f"  {name:<40} {t['dtype']:<14} {shape:<16} storage {t['storage']:<4} {where}")
     return 0
 
 

@@ -32,9 +32,10 @@ Deliberate differences from torch:
 from __future__ import annotations
 
 import abc
+import functools
 import logging
+import mmap
 import os
-import pickle
 import signal
 import threading
 import time
@@ -51,9 +52,9 @@ from ._proc import kill_quietly
 from .config import PoolConfig
 from .errors import PoolClosedError, WorkerDiedError, WorkerInitError, ZckptError
 from .pool import CheckpointPool
-from .stager import layout_state, stage_state
+from .stager import layout_state, stage_state, tensor_specs
 from .supervisor import ShardJob
-from .tree import flatten
+from .tree import Collector, dump_skeleton
 
 __all__ = [
     "CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse",
@@ -190,39 +191,43 @@ class _StatePool(CheckpointPool):
     """A one-worker pool whose worker calls ``writer.write(path, state_dict, **kwargs)``."""
 
     _MODE = "state"
+    # One segment per storage (see stager.layout_state): page-sized rounding, not 2 MiB.
+    _ARENA_ROUND_BYTES = mmap.PAGESIZE
 
     def write_state(self, state_dict: Any, path: str, kwargs: dict[str, Any]) -> Future:
         self._check_open()
-        skeleton, named = flatten(state_dict)
+        collector = Collector()
+        collector.walk(state_dict)
+        tree = dump_skeleton(state_dict, collector)
+        slots, sizes = layout_state(collector.storages)
+        pin = any(st.device.type == "cuda" for st, _ in collector.storages)
+        bufset = self._arena.acquire(sizes, self.config.save_timeout_s, pin=pin)
         try:
-            tree = pickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise TypeError(f"state_dict holds a value that cannot be pickled: {exc}") from exc
-        tensors = [t for _, t in named]
-        offsets, total = layout_state(tensors, shared_ok=True)
-        bufset = self._arena.acquire([total] if total else [], self.config.save_timeout_s,
-                                     pin=any(t.device.type == "cuda" for t in tensors))
-        try:
-            specs = stage_state(tensors, offsets, bufset.segments[0] if total else None)
+            storages = stage_state(collector.storages, slots, bufset)
+            tensors = tensor_specs(collector)
         except BaseException:
             self._arena.release(bufset)
             raise
+        finally:
+            collector.release()  # nothing of the caller's is referenced once staged
         fut: Future = Future()
         with self._lock:
             job_id = self._next_save
             self._next_save += 1
-
-        def on_done(result: Optional[P.JobResult], exc: Optional[BaseException]) -> None:
-            self._arena.release(bufset)
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(None)
-
-        msg = P.WriteState(job_id, os.fspath(path), tree, specs, dict(kwargs), self._arena.live_keys())
-        self._supervisor.submit(ShardJob(0, msg, on_done, time.monotonic() + self.config.save_timeout_s,
-                                         describe=os.fspath(path)))
+        msg = P.WriteState(job_id, os.fspath(path), tree, storages, tensors, dict(kwargs), self._arena.live_keys())
+        self._supervisor.submit(ShardJob(0, msg, functools.partial(_write_done, self._arena, bufset, fut),
+                                         time.monotonic() + self.config.save_timeout_s, describe=os.fspath(path)))
         return fut
+
+
+def _write_done(arena: Any, bufset: Any, fut: Future, result: Optional[P.JobResult],
+                exc: Optional[BaseException]) -> None:
+    """Runs on the supervisor thread when the worker answers a write."""
+    arena.release(bufset)
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(None)
 
 
 class _WorkerProcess:

@@ -9,19 +9,31 @@ commit, and they start without torch.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Optional
 
 import xxhash
 
 from .errors import CorruptCheckpointError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "checksum_hex", "write_manifest", "read_manifest"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "COMMIT_KEY", "checksum_hex", "write_manifest",
+           "read_manifest", "with_commit_record", "encode_skeleton", "decode_skeleton", "READABLE_VERSIONS", "commit_record", "peek_commit_record"]
 
 FORMAT_NAME = "zckpt"
-FORMAT_VERSION = 1
+# 2: the structure is a pickle with persistent ids (zckpt.tree), tensor records carry
+# typed key paths. 1: the structure was tagged JSON; still read (reader.py).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+# The body's commit record, {"sequence": N, "unix_time_ns": T}: what orders checkpoints
+# (see zckpt.commit). Written as the body's first key so a short prefix read finds it.
+COMMIT_KEY = "commit"
+_PEEK_BYTES = 256
+_PEEK_RE = re.compile(rb'\A\{"zckpt_manifest":\{"commit":\{"sequence":(0|[1-9][0-9]{0,18}),'
+                      rb'"unix_time_ns":(0|[1-9][0-9]{0,19})\}[,}]')
 
 
 def checksum_hex(data: Any) -> str:
@@ -68,7 +80,67 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path}: manifest checksum mismatch (the manifest was edited or damaged)")
     if body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{path}: not a zckpt manifest (format={body.get('format')!r})")
-    if body.get("version") != FORMAT_VERSION:
+    if body.get("version") not in READABLE_VERSIONS:
         raise CorruptCheckpointError(f"{path}: format version {body.get('version')!r} is not supported "
-                                     f"(this zckpt reads version {FORMAT_VERSION})")
+                                     f"(this zckpt reads versions {READABLE_VERSIONS}: "
+                                     "upgrade zckpt to read newer checkpoints)")
     return body
+
+
+def with_commit_record(body: dict[str, Any], sequence: int, unix_time_ns: int) -> dict[str, Any]:
+    """A copy of ``body`` (top level only; ``body`` is left as it was) whose first key is
+    the commit record, so :func:`peek_commit_record` finds it in the file's first bytes."""
+    rest = {k: v for k, v in body.items() if k != COMMIT_KEY}
+    return {COMMIT_KEY: {"sequence": int(sequence), "unix_time_ns": int(unix_time_ns)}, **rest}
+
+
+def commit_record(body: dict[str, Any]) -> Optional[tuple[int, int]]:
+    """``(sequence, unix_time_ns)`` from a manifest body, or None where it has no
+    well-formed record (manifests written before zckpt recorded one)."""
+    rec = body.get(COMMIT_KEY)
+    if not isinstance(rec, dict):
+        return None
+    seq, ns = rec.get("sequence"), rec.get("unix_time_ns")
+    if type(seq) is not int or type(ns) is not int or seq < 0 or ns < 0:
+        return None
+    return seq, ns
+
+
+def peek_commit_record(directory: str) -> Optional[tuple[int, int]]:
+    """The commit record from the first bytes of ``manifest.json``, NOT verified.
+
+    Good for a hint (ranking candidates, or a lower bound for the next sequence), never
+    as proof of a commit: the rest of the file may be missing or damaged. None if the
+    file cannot be read or does not start the way :func:`write_manifest` writes a
+    recorded manifest.
+    """
+    try:
+        with open(os.path.join(os.fspath(directory), MANIFEST_NAME), "rb") as f:
+            head = f.read(_PEEK_BYTES)
+    except OSError:
+        return None
+    m = _PEEK_RE.match(head)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+# --- the structure ("tree") -----------------------------------------------------------------
+TREE_ENCODING = "pickle-2+zckpt-persistent-ids"
+
+
+def encode_skeleton(blob: bytes) -> dict[str, Any]:
+    """The manifest's "tree": the pickled skeleton (see zckpt.tree), base64 in JSON."""
+    return {"encoding": TREE_ENCODING, "b64": base64.b64encode(blob).decode("ascii")}
+
+
+def decode_skeleton(tree: Any, where: str) -> bytes:
+    """The pickled skeleton of a version-2 manifest's "tree".
+
+    Raises:
+        CorruptCheckpointError: the tree is not in the encoding this zckpt writes.
+    """
+    if not isinstance(tree, dict) or tree.get("encoding") != TREE_ENCODING or not isinstance(tree.get("b64"), str):
+        raise CorruptCheckpointError(f"{where}: the manifest's tree is not a {TREE_ENCODING} record")
+    try:
+        return base64.b64decode(tree["b64"], validate=True)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: the manifest's tree is not valid base64 ({exc})") from None

@@ -3,7 +3,9 @@
 Pure functions of the flattened state dict; nothing here touches shared memory or disk.
 
 - Storages are stored once, whole, like ``torch.save`` does: tied weights and views
-  of one storage come back sharing storage.
+  of one storage come back sharing storage. A storage is identified by its StorageImpl
+  (see :mod:`zckpt.tree`), never by its address.
+- Safetensors entry names come from display paths and are made unique per save.
 - Shards are size-balanced across workers: largest piece first onto the least-loaded
   worker (LPT bin packing, within 4/3 of optimal). A storage larger than a fair share
   is cut into page-aligned byte ranges first, so one huge matrix still fans out.
@@ -16,10 +18,12 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from .format import build_header, dtype_name, safetensors_code, shard_name
+from .tree import Collector, KeyPath, display_path, encode_path
 
 __all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save"]
 
@@ -34,15 +38,16 @@ class StorageInfo:
     sid: int
     nbytes: int
     dtype: torch.dtype           # element type the entry is labelled with
-    name: str                    # key path of the first tensor that uses it
+    name: str                    # display path of the first tensor that uses it
     entry_shape: list[int]       # the tensor's shape when it covers the storage exactly
-    source: torch.Tensor         # a tensor on this storage (to copy from while staging)
+    device: str                  # where the storage lives ("cpu", "cuda:0")
+    source: Optional[torch.UntypedStorage]  # the caller's storage; dropped once staged
     pieces: list["Piece"] = field(default_factory=list)
 
 
 @dataclass
 class TensorInfo:
-    key: str
+    path: Optional[KeyPath]      # typed key path; None for a tensor held inside an object
     sid: int
     dtype: torch.dtype
     shape: list[int]
@@ -50,6 +55,12 @@ class TensorInfo:
     storage_offset: int
     is_param: bool
     requires_grad: bool
+    conj: bool                   # lazy conjugate / negative bits, kept as torch.save keeps them
+    neg: bool
+
+    @property
+    def name(self) -> str:
+        return display_path(self.path)
 
 
 @dataclass
@@ -91,34 +102,42 @@ class SavePlan:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.storages)
 
+    @property
+    def on_device(self) -> bool:
+        """Whether any storage is off the CPU (staging then goes through _cuda)."""
+        return any(not s.device.startswith("cpu") for s in self.storages)
 
-def collect_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[StorageInfo], list[TensorInfo]]:
-    """Group tensors by the storage they view, in first-seen order."""
-    storages: list[StorageInfo] = []
-    by_key: dict[tuple[torch.device, int], int] = {}
+    def release_sources(self) -> None:
+        """Drop the caller's storages (after staging: nothing of theirs is kept)."""
+        for s in self.storages:
+            s.source = None
+
+
+def collect_storages(collector: Collector) -> tuple[list[StorageInfo], list[TensorInfo]]:
+    """Describe the collector's storages and tensors; storages in first-seen order."""
     infos: list[TensorInfo] = []
-    for key, t in tensors:
-        st = t.untyped_storage()
-        nbytes = st.nbytes()
-        # Empty storages share null pointers: each gets its own entry.
-        skey = (t.device, st.data_ptr()) if nbytes else None
-        sid = by_key.get(skey) if skey is not None else None
-        if sid is None:
-            sid = len(storages)
-            if skey is not None:
-                by_key[skey] = sid
-            itemsize = t.dtype.itemsize
-            covers = t.storage_offset() == 0 and t.numel() * itemsize == nbytes and t.is_contiguous()
-            dtype = t.dtype if nbytes % itemsize == 0 else torch.uint8
-            shape = list(t.shape) if covers else [nbytes // dtype.itemsize]
-            storages.append(StorageInfo(sid, nbytes, dtype, key, shape, t))
+    for (path, t), sid in zip(collector.tensors, collector.storage_of):
         infos.append(TensorInfo(
-            key=key, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
+            path=path, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
             # type() over isinstance(): Parameter's metaclass makes isinstance slow, and
-            # flatten() already refused other tensor subclasses.
+            # check_storable() already refused other tensor subclasses.
             storage_offset=int(t.storage_offset()), is_param=type(t) is torch.nn.Parameter,
-            requires_grad=t.requires_grad,
+            requires_grad=t.requires_grad, conj=t.is_conj(), neg=t.is_neg(),
         ))
+    first_name: dict[int, str] = {}
+    for info in infos:
+        first_name.setdefault(info.sid, info.name)
+    storages: list[StorageInfo] = []
+    for sid, (st, user) in enumerate(collector.storages):
+        nbytes = st.nbytes()
+        if user is not None and nbytes % user.dtype.itemsize == 0:
+            dtype = user.dtype
+            covers = user.storage_offset() == 0 and user.numel() * dtype.itemsize == nbytes and user.is_contiguous()
+        else:
+            dtype, covers = torch.uint8, False
+        shape = list(user.shape) if covers and user is not None else [nbytes // dtype.itemsize]
+        storages.append(StorageInfo(sid, nbytes, dtype, first_name.get(sid, f"storage{sid}"), shape,
+                                    str(st.device), st))
     return storages, infos
 
 
@@ -141,16 +160,28 @@ def _cut(st: StorageInfo, max_piece: int) -> list[Piece]:
     return pieces
 
 
+def _unique(name: str, sid: int, used: set[str]) -> str:
+    """Safetensors entry names must be unique per file; make them unique per save."""
+    candidate = name
+    while candidate in used:
+        candidate = f"{name}~{sid}" if candidate == name else candidate + "~"
+    used.add(candidate)
+    return candidate
+
+
 def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_workers: int,
               strategy: str = "balanced", split_large: bool = True) -> SavePlan:
     """Assign storages (or byte ranges of them) to at most ``num_workers`` shard files."""
     nonempty = [s for s in storages if s.nbytes > 0]
+    used: set[str] = set()
     total = sum(s.nbytes for s in nonempty)
     fair = max(1, math.ceil(total / num_workers))
     max_piece = max(fair, _SPLIT_ALIGN) if split_large and num_workers > 1 else max(total, 1)
     pieces: list[Piece] = []
     for st in nonempty:
         st.pieces = _cut(st, max_piece)
+        for p in st.pieces:
+            p.name = _unique(p.name, st.sid, used)
         pieces.extend(st.pieces)
 
     nshards = min(num_workers, len(pieces))
@@ -183,16 +214,23 @@ def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_worker
 
 
 def manifest_records(plan: SavePlan) -> tuple[list[dict], list[dict]]:
-    """The manifest's "storages" and "tensors" lists for a plan."""
+    """The manifest's "storages" and "tensors" lists for a plan (no tensor needed)."""
     storages = [{
         "nbytes": s.nbytes,
-        "device": str(s.source.device),
+        "device": s.device,
         "parts": [{"file": p.shard, "offset": p.file_offset, "start": p.start, "nbytes": p.nbytes,
                    "entry": p.name} for p in s.pieces],
     } for s in plan.storages]
-    tensors = [{
-        "key": t.key, "storage": t.sid, "dtype": dtype_name(t.dtype), "shape": t.shape,
-        "stride": t.stride, "offset": t.storage_offset, "param": t.is_param,
-        "requires_grad": t.requires_grad,
-    } for t in plan.tensors]
+    tensors = []
+    for t in plan.tensors:
+        rec = {
+            "path": encode_path(t.path) if t.path is not None else None, "name": t.name,
+            "storage": t.sid, "dtype": dtype_name(t.dtype), "shape": t.shape, "stride": t.stride,
+            "offset": t.storage_offset, "param": t.is_param, "requires_grad": t.requires_grad,
+        }
+        if t.conj:
+            rec["conj"] = True
+        if t.neg:
+            rec["neg"] = True
+        tensors.append(rec)
     return storages, tensors

@@ -27,6 +27,7 @@ Who talks to whom::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -37,7 +38,7 @@ import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import cloudpickle
 import torch
@@ -46,12 +47,12 @@ from . import commit as C
 from . import protocol as P
 from .arena import Arena, BufferSet
 from .config import PoolConfig
-from .errors import PoolClosedError, ZckptError
-from .manifest import FORMAT_NAME, FORMAT_VERSION
+from .errors import PoolClosedError, ReentrantSaveError, ZckptError
+from .manifest import FORMAT_NAME, FORMAT_VERSION, encode_skeleton
 from .plan import SavePlan, collect_storages, manifest_records, plan_save
 from .stager import stage_files
 from .supervisor import ShardJob, Supervisor
-from .tree import flatten, to_json
+from .tree import Collector, dump_skeleton
 
 __all__ = ["CheckpointPool", "SaveFuture", "PoolState", "PoolStats"]
 
@@ -111,6 +112,7 @@ class _Save:
         self.error: Optional[BaseException] = None
         self.plan = plan
         self.t0 = t0  # when save() was called
+        self.counted_failed = False
 
 
 class CheckpointPool:
@@ -138,11 +140,15 @@ class CheckpointPool:
     """
 
     _MODE = "files"
+    _ARENA_ROUND_BYTES = 1 << 21   # 2 MiB: huge-page friendly segments, one per shard
 
     def __init__(self, num_workers: Optional[int] = None, config: Optional[PoolConfig] = None, *,
                  init_fn: Optional[Callable[..., Any]] = None, init_args: tuple = (),
                  writer_factory: Optional[Callable[..., Any]] = None,
                  writer_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+        # Checked by every call: a forked child gets a copy of this object but not its
+        # threads, and its workers, sockets, arena and saves stay the parent's.
+        self._owner_pid = os.getpid()
         cfg = config if config is not None else PoolConfig()
         if not isinstance(cfg, PoolConfig):
             raise TypeError(f"config must be a zckpt.PoolConfig, got {type(cfg).__name__}")
@@ -155,7 +161,12 @@ class CheckpointPool:
         if not isinstance(init_args, tuple):
             raise TypeError(f"init_args must be a tuple, got {type(init_args).__name__}")
         self.config = cfg
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler may read stats/state or close() the pool while the
+        # code it interrupted holds the lock (a plain Lock would deadlock that thread).
+        self._lock = threading.RLock()
+        # Per thread: how deep in save()/reserve() it is (a signal handler re-enters the
+        # interrupted thread), and whether it is one of this pool's own threads.
+        self._local = threading.local()
         self._state = PoolState.STARTING
         self._cause: Optional[BaseException] = None
         self._saves: dict[int, _Save] = {}
@@ -167,9 +178,12 @@ class CheckpointPool:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
         except Exception as exc:
             raise TypeError(f"init_fn, init_args, writer_factory or writer_kwargs cannot be pickled: {exc}") from exc
-        self._arena = Arena(cfg.staging_buffers, name=f"{os.getpid()}-{id(self):x}")
-        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="zckpt-cleanup")
-        self._stager = ThreadPoolExecutor(1, thread_name_prefix="zckpt-stage")
+        self._arena = Arena(cfg.staging_buffers, name=f"{os.getpid()}-{id(self):x}",
+                            round_bytes=self._ARENA_ROUND_BYTES)
+        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="zckpt-cleanup", initializer=_mark_internal,
+                                           initargs=(self._local,))
+        self._stager = ThreadPoolExecutor(1, thread_name_prefix="zckpt-stage", initializer=_mark_internal,
+                                          initargs=(self._local,))
         self._supervisor = Supervisor(cfg, payload, self._MODE, self._on_broken)
         t0 = time.perf_counter()
         self._supervisor.start()
@@ -184,7 +198,10 @@ class CheckpointPool:
                 self._state = PoolState.READY
         self.startup_s = time.perf_counter() - t0
         logger.info("checkpoint pool ready: %d workers in %.3fs", cfg.num_workers, self.startup_s)
-        self._finalizer = weakref.finalize(self, _finalize, self._supervisor, self._arena, self._cleanup)
+        self._finalizer = weakref.finalize(self, _finalize, self._owner_pid, self._supervisor, self._arena,
+                                           self._cleanup, self._saves, self._async_pending, self._lock,
+                                           cfg.shutdown_timeout_s)
+        _LIVE_POOLS.add(self)
 
     # --- public surface ----------------------------------------------------------------
     @property
@@ -232,9 +249,21 @@ class CheckpointPool:
         Raises:
             TypeError: ``state_dict`` is not a mapping, or holds an unstorable value.
             FileExistsError: a checkpoint already exists at ``path`` (it is untouched).
-            PoolClosedError: the pool is closed, killed or broken.
+            PoolClosedError: the pool is closed, killed or broken, or this is a forked
+                child of the process that made it.
+            ReentrantSaveError: called (at once, instead of deadlocking) from a signal
+                handler or callback that interrupted this thread inside ``save()`` or
+                ``reserve()`` (it would wait for the staging buffer its own thread holds),
+                or from one of the pool's threads (a ``SaveFuture`` callback). Set a flag
+                there and save after the interrupted call returns. Other threads may call
+                ``save()`` concurrently: they wait their turn for a staging buffer.
         """
         t0 = time.perf_counter()
+        with self._entered("save"):
+            return self._save(state_dict, path, metadata, writer_kwargs, t0)
+
+    def _save(self, state_dict: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, Any]],
+              writer_kwargs: dict[str, Any], t0: float) -> SaveFuture:
         self._check_open()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping (dict), got {type(state_dict).__name__}")
@@ -248,14 +277,26 @@ class CheckpointPool:
             with self._lock:
                 self._async_pending.add(fut)
             fut.timings["blocked_s"] = time.perf_counter() - t0
-            self._stager.submit(self._stage_async, state_dict, finals, metadata, writer_kwargs, fut, t0)
+            try:
+                # In a box the stager empties: its work item must not keep the state dict
+                # alive after staging (the executor drops the item only after it returns).
+                self._stager.submit(self._stage_async, [state_dict], finals, metadata, writer_kwargs, fut, t0)
+            except RuntimeError:  # close() on another thread shut the stager down meanwhile
+                with self._lock:
+                    self._async_pending.discard(fut)
+                    raise self._closed_error() from None
             return fut
-        self._stage(state_dict, finals, metadata, writer_kwargs, fut, t0)
+        self._local.staging = fut  # a close() from a handler interrupting us must not wait for it
+        save, tasks = self._stage(state_dict, finals, metadata, writer_kwargs, fut, t0)
+        self._staged(save, t0)
+        self._dispatch(save, tasks, writer_kwargs)
         return fut
 
     def _stage(self, state_dict: Mapping[str, Any], finals: list[str], metadata: Optional[Mapping[str, Any]],
-               writer_kwargs: dict[str, Any], fut: SaveFuture, t0: float) -> None:
-        """Plan, take a buffer set, make the temp dirs, copy, and hand off to the workers."""
+               writer_kwargs: dict[str, Any], fut: SaveFuture, t0: float) -> tuple[_Save, list[P.FileTask]]:
+        """Plan, take a buffer set, make the temp dirs, copy; return the registered save
+        and its workers' tasks. The caller resolves ``staged`` once this frame, which
+        holds the state dict, is gone."""
         plan, manifest = self._plan(state_dict, metadata)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
@@ -268,22 +309,30 @@ class CheckpointPool:
         fut.timings.update(plan_s=t_plan - t0, wait_buffer_s=t_acquired - t_plan)
         try:
             tasks = stage_files(plan, bufset)
-        except BaseException:
+        except BaseException as exc:
             self._arena.release(bufset)
             for tmp in tmp_dirs:
                 C.discard(tmp)
+            with self._lock:
+                if self._state is not PoolState.READY and isinstance(exc, Exception):
+                    # Closed meanwhile (by another thread, or a signal handler on this
+                    # one): the arena went away under the copy. Say so, not IndexError.
+                    raise self._closed_error() from exc
             raise
+        finally:
+            plan.release_sources()  # nothing of the caller's is referenced once staged
         save = _Save(-1, fut, tmp_dirs, finals, bufset, manifest, len(plan.shards), plan, t0)
         self._register(save)
-        self._staged(save, t0)
-        self._dispatch(save, tasks, writer_kwargs)
+        return save, tasks
 
-    def _stage_async(self, state_dict: Mapping[str, Any], finals: list[str],
+    def _stage_async(self, box: list[Mapping[str, Any]], finals: list[str],
                      metadata: Optional[Mapping[str, Any]], writer_kwargs: dict[str, Any], fut: SaveFuture,
                      t0: float) -> None:
         """On the stager thread: all of :meth:`_stage`; errors go to both futures."""
         try:
-            self._stage(state_dict, finals, metadata, writer_kwargs, fut, t0)
+            save, tasks = self._stage(box.pop(), finals, metadata, writer_kwargs, fut, t0)
+            self._staged(save, t0)
+            self._dispatch(save, tasks, writer_kwargs)
         except BaseException as exc:  # noqa: BLE001 - the caller sees it through the futures
             logger.error("staging %s failed: %s", finals[0], exc)
             with self._lock:
@@ -305,11 +354,23 @@ class CheckpointPool:
         save (or one of the same shapes): every staging buffer set is sized and
         pre-faulted, and every worker maps it. Blocks until done (at most
         ``timeout_s`` for the workers).
+
+        Raises:
+            PoolClosedError: as :meth:`save`.
+            ReentrantSaveError: as :meth:`save` (it would wait for the buffers its own
+                thread holds).
+            TimeoutError: a staging buffer did not come free, or a worker did not map
+                the arena, within ``timeout_s``.
         """
+        with self._entered("reserve"):
+            self._reserve(state_dict, timeout_s)
+
+    def _reserve(self, state_dict: Mapping[str, Any], timeout_s: float) -> None:
         self._check_open()
         plan, _ = self._plan(state_dict, None)
+        plan.release_sources()
         sizes = [s.nbytes for s in plan.shards]
-        pin = any(s.source.device.type == "cuda" for s in plan.storages)
+        pin = _needs_pinning(plan)
         held = []
         try:
             for _ in range(self.config.staging_buffers):
@@ -336,15 +397,22 @@ class CheckpointPool:
             f.result(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
 
     def _plan(self, state_dict: Mapping[str, Any], metadata: Optional[Mapping[str, Any]]) -> tuple[SavePlan, dict]:
-        """Flatten, plan the shards, and build the manifest (checksums come later)."""
-        skeleton, tensors = flatten(state_dict)
-        tree = to_json(skeleton)
-        storages, infos = collect_storages(tensors)
+        """Find the tensors and storages, pickle the rest, plan the shards, start the manifest.
+
+        The returned plan still references the caller's storages (to copy from); call
+        ``plan.release_sources()`` once staged. Checksums are filled in at commit.
+        """
+        collector = Collector()
+        collector.walk(state_dict)
+        skeleton = dump_skeleton(state_dict, collector)
+        storages, infos = collect_storages(collector)
+        collector.release()
         plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
                          self.config.split_large_tensors)
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
-            "tree": tree,  # "storages" and "tensors" are filled in at commit, off the hot path
+            "tree": encode_skeleton(skeleton),
+            # "storages" and "tensors" are filled in at commit, off the hot path
             "metadata": _json_metadata(metadata), "torch_version": str(torch.__version__),
             "files": [{"name": sh.name, "nbytes": sh.nbytes, "worker": sh.index,
                        "chunks": [list(c) for c in sh.chunks]} for sh in plan.shards],
@@ -352,8 +420,8 @@ class CheckpointPool:
         return plan, manifest
 
     def _acquire(self, plan: SavePlan) -> BufferSet:
-        pin = any(s.source.device.type == "cuda" for s in plan.storages)
-        return self._arena.acquire([s.nbytes for s in plan.shards], self.config.save_timeout_s, pin=pin)
+        return self._arena.acquire([s.nbytes for s in plan.shards], self.config.save_timeout_s,
+                                   pin=_needs_pinning(plan))
 
     def _make_temp_dirs(self, finals: list[str]) -> list[str]:
         tmp_dirs: list[str] = []
@@ -393,6 +461,8 @@ class CheckpointPool:
 
     def _dispatch(self, save: _Save, tasks: list[P.FileTask], writer_kwargs: dict[str, Any]) -> None:
         if not tasks:  # nothing but Python values: commit straight away
+            save.pending.clear()
+            self._arena.release(save.bufset)  # no shard will release it (was: the next save waited forever)
             self._request_commit(save, slot=0)
             return
         deadline = time.monotonic() + self.config.save_timeout_s
@@ -409,16 +479,28 @@ class CheckpointPool:
 
         Waits at most ``timeout_s`` (default ``config.shutdown_timeout_s``) for saves
         and workers; what is still running then is killed and its saves fail.
-        Idempotent; safe after :meth:`kill`.
+        Idempotent; safe after :meth:`kill`. Called from a signal handler that
+        interrupted a ``save()`` on this thread, it does not wait for that save (it
+        cannot progress until the handler returns; it then fails with PoolClosedError).
+        In a forked child of the process that made the pool it does nothing: the
+        workers, sockets, arena and saves are the parent's.
+
+        Raises:
+            ReentrantSaveError: called from one of the pool's own threads (a
+                ``SaveFuture`` callback): it would wait for that thread itself.
         """
+        if self._forked_child("close"):
+            return
+        self._refuse_internal_thread("close")
         limit = self.config.shutdown_timeout_s if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + limit
+        own = getattr(self._local, "staging", None)  # the save this thread is inside, if any
         with self._lock:
             if self._state is PoolState.CLOSED:
                 return
             if self._state in (PoolState.READY, PoolState.STARTING):
                 self._state = PoolState.CLOSING
-            pending = [s.future for s in self._saves.values()] + list(self._async_pending)
+            pending = [s.future for s in self._saves.values() if s.future is not own] + list(self._async_pending)
         for fut in pending:
             try:
                 fut.exception(timeout=max(0.0, deadline - time.monotonic()))
@@ -430,8 +512,15 @@ class CheckpointPool:
         """Forceful shutdown: SIGKILL every worker now. In-flight saves fail.
 
         The pool is unusable afterwards; committed checkpoints are untouched and
-        temp directories of failed saves are removed. Idempotent.
+        temp directories of failed saves are removed. Idempotent. Does nothing in a
+        forked child (see :meth:`close`).
+
+        Raises:
+            ReentrantSaveError: called from one of the pool's own threads.
         """
+        if self._forked_child("kill"):
+            return
+        self._refuse_internal_thread("kill")
         with self._lock:
             if self._state is PoolState.CLOSED:
                 return
@@ -451,12 +540,61 @@ class CheckpointPool:
             self.kill()  # an exception in the with-block: do not wait on workers
 
     def __del__(self) -> None:
-        if getattr(self, "_state", PoolState.CLOSED) not in (PoolState.CLOSED,):
+        if getattr(self, "_owner_pid", None) != os.getpid():
+            return  # a forked child's copy: not ours to close
+        finalizer = getattr(self, "_finalizer", None)  # absent if the constructor raised
+        if finalizer is not None and finalizer.alive:
             warnings.warn("CheckpointPool was not closed; call close() or use it as a context manager",
                           ResourceWarning, stacklevel=2)
 
     # --- internals ---------------------------------------------------------------------
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise PoolClosedError(
+                f"this checkpoint pool belongs to process {self._owner_pid}; process {os.getpid()} is a fork "
+                "of it and cannot use it (its workers, sockets and staging memory are the parent's): "
+                "create a new pool in the child")
+
+    def _forked_child(self, call: str) -> bool:
+        """True (and logs) in a forked child, where close/kill/finalization must do nothing."""
+        if os.getpid() == self._owner_pid:
+            return False
+        logger.debug("pool.%s() ignored in process %d: the pool belongs to process %d", call, os.getpid(),
+                     self._owner_pid)
+        return True
+
+    def _refuse_internal_thread(self, call: str) -> None:
+        if getattr(self._local, "internal", False) or threading.current_thread() is self._supervisor:
+            raise ReentrantSaveError(
+                f"pool.{call}() was called on the pool's own thread {threading.current_thread().name!r} "
+                "(SaveFuture callbacks run there), which it would wait for: call it from your own thread, "
+                "e.g. after fut.result() returns")
+
+    @contextlib.contextmanager
+    def _entered(self, call: str) -> Iterator[None]:
+        """Around the body of save() and reserve(): refuse at once what would wait on itself.
+
+        Both may wait for a staging buffer. A signal handler runs on the thread it
+        interrupted, so a save() from a handler that interrupted save() would wait (up
+        to ``save_timeout_s``) for the buffer its own thread holds.
+        """
+        self._check_owner()
+        self._refuse_internal_thread(call)
+        local = self._local
+        if getattr(local, "depth", 0):
+            raise ReentrantSaveError(
+                f"pool.{call}() was called on thread {threading.current_thread().name!r} while that thread is "
+                f"inside pool.{local.inside}() of the same pool (a signal handler or callback interrupted "
+                "it): it would wait for the staging buffer its own thread holds. Set a flag in the handler "
+                f"and call {call}() after the interrupted call returns")
+        local.depth, local.inside = 1, call
+        try:
+            yield
+        finally:
+            local.depth, local.inside, local.staging = 0, None, None
+
     def _check_open(self) -> None:
+        self._check_owner()
         with self._lock:
             if self._state is not PoolState.READY:
                 raise self._closed_error()
@@ -480,6 +618,7 @@ class CheckpointPool:
         """Runs on the supervisor thread: record one shard; finish the save on the last."""
         if exc is not None and save.error is None:
             save.error = exc
+            self._count_failed(save)  # before the future: whoever it wakes sees the count
             if not save.future.done():
                 save.future.set_exception(exc)
         if result is not None:
@@ -491,7 +630,7 @@ class CheckpointPool:
         if save.error is None:
             self._request_commit(save, slot=index)
         else:
-            self._cleanup.submit(self._abandon, save)
+            self._submit_cleanup(self._abandon, save)
 
     def _request_commit(self, save: _Save, slot: int) -> None:
         """Fill in the checksums and have a worker (the one that just finished) commit.
@@ -510,7 +649,7 @@ class CheckpointPool:
                 rec["write_s"] = round(fr.write_s, 6)
                 rec["hash_s"] = round(fr.hash_s, 6)
         except (ZckptError, KeyError, IndexError) as exc:
-            self._cleanup.submit(self._abandon, save, exc)
+            self._submit_cleanup(self._abandon, save, exc)
             return
         save.manifest["created_unix"] = time.time()
         job = P.CommitJob(save.id, save.tmp_dirs, save.finals, save.manifest, self.config.fsync,
@@ -523,7 +662,7 @@ class CheckpointPool:
         """Runs on the supervisor thread when the commit job answers."""
         if exc is not None:
             logger.error("commit of %s failed: %s", save.finals[0], exc)
-            self._cleanup.submit(self._abandon, save, exc)
+            self._submit_cleanup(self._abandon, save, exc)
             return
         with self._lock:
             self._saves.pop(save.id, None)
@@ -532,13 +671,34 @@ class CheckpointPool:
         logger.info("committed %s in %.3fs", save.finals[0], save.future.timings["durable_s"])
         save.future.set_result(save.finals[0])
 
+    def _submit_cleanup(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the cleanup thread, or here once that takes no more work.
+
+        It stops at teardown and at interpreter exit (before the finalizer drains the
+        saves in flight); a failed save's temp dirs are removed and its future failed
+        either way.
+        """
+        try:
+            self._cleanup.submit(fn, *args)
+        except RuntimeError:  # cannot schedule new futures after (interpreter) shutdown
+            fn(*args)
+
+    def _count_failed(self, save: _Save) -> None:
+        """Count a failed save once (several shards and the cleanup may report it)."""
+        with self._lock:
+            if not save.counted_failed:
+                save.counted_failed = True
+                self._counts["failed"] += 1
+
     def _abandon(self, save: _Save, exc: Optional[BaseException] = None) -> None:
+        # Counted before the temp dirs go and the future resolves: whoever sees either
+        # of those sees the count too.
+        self._count_failed(save)
         for tmp in save.tmp_dirs:
             if os.path.isdir(tmp):
                 C.discard(tmp)
         with self._lock:
             self._saves.pop(save.id, None)
-            self._counts["failed"] += 1
         if not save.future.done():
             save.future.set_exception(exc or save.error or ZckptError("save failed"))
 
@@ -561,8 +721,8 @@ class CheckpointPool:
             if save.pending:
                 save.pending.clear()
                 self._arena.release(save.bufset)
-                self._cleanup.submit(self._abandon, save,
-                                       PoolClosedError("the pool shut down before the save finished"))
+                self._submit_cleanup(self._abandon, save,
+                                     PoolClosedError("the pool shut down before the save finished"))
         self._stager.shutdown(wait=True)  # a copy in progress ends at memory speed
         self._cleanup.shutdown(wait=True)
         self._arena.close()
@@ -572,8 +732,30 @@ class CheckpointPool:
             self._finalizer.detach()
 
 
-def _finalize(supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor) -> None:
-    """Last resort when a pool is garbage-collected or the interpreter exits unclosed."""
+def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor,
+              saves: dict[int, _Save], async_pending: set[SaveFuture], lock: Any, drain_s: float) -> None:
+    """Last resort when the interpreter exits (or a pool is garbage-collected) unclosed.
+
+    Saves still in flight get up to ``drain_s`` (``shutdown_timeout_s``) to commit, as
+    :meth:`CheckpointPool.close` would give them: they hold a consistent snapshot, and
+    a trainer's last ``save()`` before exiting should not be lost silently. Then the
+    workers are killed and the socket directory and arena removed. A save that did not
+    commit leaves the last committed checkpoint intact. In a forked child it does
+    nothing: the pool belongs to the parent.
+    """
+    if os.getpid() != owner_pid:
+        return
+    with lock:
+        pending = [s.future for s in saves.values()] + list(async_pending)
+    if pending and supervisor.is_alive():
+        logger.warning("exiting with %d checkpoint save(s) in flight and the pool not closed: waiting up to "
+                       "%.0fs for them to commit (close the pool to decide yourself)", len(pending), drain_s)
+        deadline = time.monotonic() + drain_s
+        for fut in pending:
+            try:
+                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # TimeoutError or CancelledError: killed below
+                pass
     if supervisor.is_alive():
         supervisor.kill_now()
         supervisor.join(timeout=5.0)
@@ -581,11 +763,37 @@ def _finalize(supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor)
     arena.close()
 
 
+def _mark_internal(local: threading.local) -> None:
+    """Initializer of the pool's executor threads: pool calls made there are refused."""
+    local.internal = True
+
+
+# Pools of this process, for the fork handler below.
+_LIVE_POOLS: "weakref.WeakSet[CheckpointPool]" = weakref.WeakSet()
+
+
+def _reset_locks_in_child() -> None:
+    # fork() copies each lock in the state another thread held it, without the thread
+    # that would release it: fresh locks let a child read stats/state without hanging
+    # (every call that would act refuses at once there).
+    for pool in list(_LIVE_POOLS):
+        pool._lock = threading.RLock()
+        pool._arena.reset_locks_after_fork()
+        pool._supervisor.reset_locks_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_locks_in_child)
+
+
 def _settle(fut: Future, result: Any, exc: Optional[BaseException]) -> None:
     if exc is not None:
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+def _needs_pinning(plan: SavePlan) -> bool:
+    return any(s.device.startswith("cuda") for s in plan.storages)
 
 
 def _json_metadata(metadata: Optional[Mapping[str, Any]]) -> Any:

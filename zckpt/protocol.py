@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "Kind", "ProtocolError", "Hello", "InitRequest", "ErrorReport", "Heartbeat",
-    "SegmentRef", "FileTask", "WriteFiles", "TensorSpec", "WriteState", "MapSegments", "CommitJob", "FileResult",
+    "SegmentRef", "FileTask", "WriteFiles", "StorageSpec", "TensorSpec", "WriteState", "MapSegments", "CommitJob", "FileResult",
     "JobResult", "Empty", "encode", "decode", "command_id", "heartbeat_id", "parse_id",
 ]
 
@@ -121,16 +121,27 @@ class WriteFiles:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    segment: SegmentRef
-    byte_offset: int
+class StorageSpec:
+    """One storage of a compat write, mapped in the worker as a storage of exactly ``nbytes``."""
+
+    segment: Optional[SegmentRef]    # None for an empty storage
     nbytes: int
+    cacheable: bool                  # arena memory (cache the mapping) vs user shm (this job only)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a compat write: a view of ``storages[storage]``, as ``torch.save`` records it."""
+
+    storage: int
     dtype: str
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    storage_offset: int
-    storage_id: int                  # equal ids share one storage in the worker too
-    cacheable: bool                  # arena memory (cache the mapping) vs user shm
+    storage_offset: int              # in elements of ``dtype``
+    requires_grad: bool
+    is_param: bool
+    conj: bool
+    neg: bool
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,8 @@ class WriteState:
 
     job_id: int
     path: str
-    tree: bytes                      # pickled skeleton, tensors replaced by indices
+    tree: bytes                      # the state dict pickled with persistent ids (see zckpt.tree)
+    storages: list[StorageSpec]
     tensors: list[TensorSpec]
     kwargs: dict[str, Any]
     live_keys: list[str]

@@ -9,25 +9,29 @@ sharing storage, as with ``torch.load``.
 
 from __future__ import annotations
 
+import base64
+import collections
 import ctypes
+import io
 import json
 import os
+import pickle
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import xxhash
 
 from .errors import CorruptCheckpointError
 from .format import dtype_from_name, dtype_name
-from .manifest import checksum_hex, read_manifest
-from .tree import flatten, from_json, unflatten
+from .manifest import checksum_hex, decode_skeleton, read_manifest
+from .tree import comparable_path, decode_path, display_path, iter_tensors, load_skeleton, rebuild_tensor
 
 __all__ = ["load", "verify"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-MapLocation = Union[None, str, torch.device, Mapping[str, str]]
+MapLocation = Union[None, str, torch.device, Mapping[str, Any], Callable[..., Any]]
 
 
 def _writable_view(t: torch.Tensor) -> memoryview:
@@ -48,19 +52,77 @@ def _read_exact(fd: int, view: memoryview, offset: int, fname: str) -> None:
         done += got
 
 
-def _target_device(saved: str, map_location: MapLocation) -> torch.device:
-    if map_location is None:
-        return torch.device(saved)
-    if isinstance(map_location, Mapping):
-        return torch.device(map_location.get(saved, saved))
-    return torch.device(map_location)
+def _restore_plan(body: dict[str, Any], map_location: MapLocation, where: str) -> list[Optional[torch.device]]:
+    """The device each stored storage loads onto (None: ask the ``map_location`` callable).
+
+    Checked before any data is read: a checkpoint saved from ``cuda:0`` loaded on a
+    machine without CUDA fails at once, telling the user to pass ``map_location``.
+    Accepts what ``torch.load`` accepts: None, a string, a ``torch.device``, a dict
+    mapping saved location strings to locations, or a callable ``(storage, location)``.
+    """
+    if map_location is not None and not isinstance(map_location, (str, torch.device, Mapping)) \
+            and not callable(map_location):
+        raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, "
+                        f"got {type(map_location).__name__}")
+    out: list[Optional[torch.device]] = []
+    for st in body["storages"]:
+        saved = st.get("device", "cpu")
+        if map_location is None:
+            target: Any = saved
+        elif isinstance(map_location, Mapping):
+            target = map_location.get(saved, saved)
+        elif callable(map_location):
+            out.append(None)
+            continue
+        else:
+            target = map_location
+        try:
+            dev = torch.device(target)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"map_location gives {target!r} for storages saved on {saved!r}: {exc}") from None
+        _check_available(dev, saved, where)
+        out.append(dev)
+    return out
+
+
+def _check_available(dev: torch.device, saved: str, where: str) -> None:
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    hint = ("pass map_location='cpu' (or a dict or callable, as torch.load accepts) to load it "
+            "onto this machine's devices")
+    if available is None or not available():
+        raise RuntimeError(f"{where} holds tensors saved on {saved!r} that would load onto {str(dev)!r}, "
+                           f"but torch.{dev.type}.is_available() is False: {hint}")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise RuntimeError(f"{where} holds tensors saved on {saved!r} that would load onto {str(dev)!r}, "
+                           f"but this machine has {count()} {dev.type} device(s): {hint}")
+
+
+def _place(buf: torch.Tensor, dev: Optional[torch.device], saved: str, map_location: MapLocation) -> torch.UntypedStorage:
+    """Move a loaded CPU storage where it belongs."""
+    st = buf.untyped_storage()
+    if dev is None:  # a callable, called as torch.load calls it
+        moved = map_location(st, saved)  # type: ignore[operator]
+        if moved is None:
+            dev = torch.device(saved)
+        else:
+            return moved.untyped() if isinstance(moved, torch.storage.TypedStorage) else moved
+    return st if dev.type == "cpu" else buf.to(dev).untyped_storage()
+
+
+def _rec_name(rec: dict[str, Any]) -> str:
+    """A tensor record's display name (version 1 records had a joined "key")."""
+    return rec.get("name") or rec.get("key") or "?"
 
 
 def _chunk_owner(body: dict[str, Any]) -> dict[tuple[int, int], str]:
     """(file index, offset) -> the tensors whose bytes sit there, for error messages."""
     users: dict[int, list[str]] = {}
     for t in body["tensors"]:
-        users.setdefault(t["storage"], []).append(t["key"])
+        users.setdefault(t["storage"], []).append(_rec_name(t))
     owner = {}
     for sid, st in enumerate(body["storages"]):
         for part in st["parts"]:
@@ -83,54 +145,121 @@ def _check_files(directory: str, body: dict[str, Any]) -> list[str]:
     return paths
 
 
-def load(path: PathLike, map_location: MapLocation = None, *, verify: bool = True,
+def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool = True, verify: bool = True,
          into: Any = None, strict: bool = True, num_threads: Optional[int] = None) -> Any:
-    """Load a committed checkpoint and return the nested structure that was saved.
+    """Load a committed checkpoint and return the object that was saved.
+
+    Returns what ``torch.load`` would return for the same object saved with
+    ``torch.save``: containers keep their types (dict subclasses, namedtuples, user
+    objects), tensors their dtype, shape, stride, storage offset, lazy conjugate bit,
+    ``requires_grad`` and ``Parameter``-ness, and tensors that shared a storage share
+    one again.
 
     Args:
         path: The checkpoint directory.
-        map_location: ``None`` (the device each tensor was saved from), a device
-            (``"cpu"``, ``torch.device("cuda:0")``), or a dict mapping saved device
-            strings to devices. Ignored with ``into``.
+        map_location: As ``torch.load``'s: ``None`` (where each storage was saved
+            from), a device (``"cpu"``, ``torch.device("cuda:0")``), a dict mapping
+            saved location strings to locations, or a callable ``(storage, location)``
+            returning a storage (or None for the default). Checked before any data is
+            read. Ignored with ``into``.
+        weights_only: Unpickle the non-tensor structure with torch's restricted
+            unpickler, accepting exactly what ``torch.load(weights_only=True)`` accepts
+            (containers, primitives, tensors, and the types registered with
+            ``torch.serialization.add_safe_globals``). ``False`` runs any pickle: only
+            for checkpoints you trust. Verification and ``zckpt inspect`` never unpickle.
         verify: Check every byte against the manifest's checksums (default). Costs one
             extra pass over memory, no extra reads.
-        into: An existing state dict of the same structure: its tensors are filled in
-            place (read straight into their memory where they are contiguous CPU
-            tensors: no new tensor allocations) and the returned structure holds them.
-        strict: With ``into``: keys present on only one side raise ``KeyError``.
+        into: An existing state dict of the same structure: its tensors (matched by
+            typed key path) are filled in place (read straight into their memory where
+            they are contiguous CPU tensors: no new tensor allocations) and the returned
+            object holds them.
+        strict: With ``into``: key paths present on only one side raise ``KeyError``.
         num_threads: Parallel reads (default: min(8, CPUs + 2)).
+
+    Blocks until every byte is read (and checked).
 
     Raises:
         CorruptCheckpointError: a missing, truncated or modified file, or a bad manifest.
         FileNotFoundError: ``path`` is not a directory.
-        KeyError, ValueError: with ``into``, keys, shapes or dtypes that do not match.
+        pickle.UnpicklingError: with ``weights_only``, the structure holds a type that is
+            not allowed (the message names it).
+        RuntimeError: a storage would load onto a device this machine lacks.
+        KeyError, ValueError: with ``into``, key paths, shapes or dtypes that do not match.
     """
     directory = os.fspath(path)
     body = read_manifest(directory)
     paths = _check_files(directory, body)
     checks = verify and body.get("checksum") != "none"
-    skeleton = from_json(body["tree"])
+    records = body["tensors"]
     if into is not None:
-        return _load_into(directory, body, paths, skeleton, into, checks, strict, num_threads)
+        return _load_into(directory, body, paths, into, checks, strict, num_threads, weights_only)
+    devices = _restore_plan(body, map_location, directory)
     buffers: list[Optional[torch.Tensor]] = [torch.empty(st["nbytes"], dtype=torch.uint8)
                                              for st in body["storages"]]
     _read_storages(body, paths, buffers, checks, num_threads)
-    storages = []
-    for st, buf in zip(body["storages"], buffers):
-        assert buf is not None
-        dev = _target_device(st.get("device", "cpu"), map_location)
-        storages.append(buf if dev.type == "cpu" else buf.to(dev))
-    tensors = []
-    for rec in body["tensors"]:
-        base = storages[rec["storage"]]
-        t = torch.empty(0, dtype=dtype_from_name(rec["dtype"]), device=base.device)
-        t.set_(base.untyped_storage(), rec["offset"], rec["shape"], rec["stride"])
-        if rec.get("param"):
-            t = torch.nn.Parameter(t, requires_grad=rec.get("requires_grad", True))
-        elif rec.get("requires_grad"):
-            t.requires_grad_(True)
-        tensors.append(t)
-    return unflatten(skeleton, tensors)
+    storages = [_place(buf, dev, st.get("device", "cpu"), map_location)
+                for st, buf, dev in zip(body["storages"], buffers, devices) if buf is not None]
+    del buffers
+    return _rebuild(directory, body, lambda i: _tensor_from(records[i], storages), storages, weights_only)
+
+
+def _tensor_from(rec: dict[str, Any], storages: list[torch.UntypedStorage]) -> torch.Tensor:
+    return rebuild_tensor(storages[rec["storage"]], dtype_from_name(rec["dtype"]), rec["offset"], rec["shape"],
+                          rec["stride"], requires_grad=bool(rec.get("requires_grad")),
+                          is_param=bool(rec.get("param")), conj=bool(rec.get("conj")), neg=bool(rec.get("neg")))
+
+
+def _rebuild(directory: str, body: dict[str, Any], make: Callable[[int], torch.Tensor],
+             storages: list[torch.UntypedStorage], weights_only: bool) -> Any:
+    """The saved object, with tensor ``i`` made by ``make(i)`` (once: identity is kept)."""
+    built: dict[int, torch.Tensor] = {}
+
+    def tensor(i: int) -> torch.Tensor:
+        if not 0 <= i < len(body["tensors"]):
+            raise CorruptCheckpointError(f"{directory}: the structure names tensor {i}, which the manifest lacks")
+        t = built.get(i)
+        if t is None:
+            t = built[i] = make(i)
+        return t
+
+    def storage(sid: int, dtype: Optional[torch.dtype]) -> Any:
+        if not 0 <= sid < len(storages):
+            raise CorruptCheckpointError(f"{directory}: the structure names storage {sid}, which the manifest lacks")
+        if dtype is None:
+            return storages[sid]
+        return torch.storage.TypedStorage(wrap_storage=storages[sid], dtype=dtype, _internal=True)
+
+    if body["version"] == 1:
+        return _decode_v1_tree(body["tree"], tensor, weights_only)
+    return load_skeleton(decode_skeleton(body["tree"], directory), tensor, storage, weights_only=weights_only)
+
+
+def _decode_v1_tree(data: Any, tensor: Callable[[int], torch.Tensor], weights_only: bool) -> Any:
+    """The tagged-JSON structure of version-1 manifests (pickled leaves honour ``weights_only``)."""
+    if not isinstance(data, dict):
+        return data
+    tag = data.get("@")
+    if tag == "tensor":
+        return tensor(int(data["i"]))
+    if tag in ("dict", "odict"):
+        items = [(_decode_v1_tree(k, tensor, weights_only), _decode_v1_tree(v, tensor, weights_only))
+                 for k, v in data["items"]]
+        out: Any = collections.OrderedDict(items) if tag == "odict" else dict(items)
+        if "meta" in data:
+            out._metadata = _decode_v1_tree(data["meta"], tensor, weights_only)
+        return out
+    if tag in ("list", "tuple"):
+        seq = [_decode_v1_tree(v, tensor, weights_only) for v in data["items"]]
+        return seq if tag == "list" else tuple(seq)
+    if tag == "float":
+        return float(data["v"])
+    if tag == "pickle":
+        blob = base64.b64decode(data["b64"])
+        if weights_only:
+            from torch import _weights_only_unpickler
+            return _weights_only_unpickler.load(io.BytesIO(blob), encoding="utf-8")
+        return pickle.loads(blob)
+    raise CorruptCheckpointError(f"unknown tree node tag {tag!r}")
 
 
 def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optional[torch.Tensor]],
@@ -177,52 +306,65 @@ def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optiona
             os.close(fd)
 
 
-def _load_into(directory: str, body: dict[str, Any], paths: list[str], skeleton: Any, into: Any,
-               checks: bool, strict: bool, num_threads: Optional[int]) -> Any:
-    _, named = flatten(into, resolve_lazy=False)
-    targets: dict[str, torch.Tensor] = dict(named)
-    lazy = [k for k, t in named if t.is_conj() or t.is_neg()]
+def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any, checks: bool, strict: bool,
+               num_threads: Optional[int], weights_only: bool) -> Any:
+    walked = list(iter_tensors(into))
+    lazy = [display_path(p) for p, t in walked if t.is_conj() or t.is_neg()]
     if lazy:
         raise ValueError(f"load(into=...): {lazy} are lazy conjugate/negative views; "
                          "loading into them would not write the tensors they view")
+    v1 = body["version"] == 1
+    # Key paths compare as the manifest records them: typed (version 1 joined them with ".").
+    targets: dict[Any, torch.Tensor] = {}
+    for p, t in walked:
+        targets.setdefault(".".join(str(k) for k in p) if v1 else comparable_path(p), t)
     recs = body["tensors"]
-    stored = {r["key"] for r in recs}
-    missing = sorted(stored - targets.keys())
-    unexpected = sorted(targets.keys() - stored)
+    rec_paths: list[Any] = [rec.get("key") if v1 else
+                            (decode_path(rec["path"]) if rec.get("path") is not None else None) for rec in recs]
+    stored = {p for p in rec_paths if p is not None}
+    missing = [p for p in stored if p not in targets]
+    unexpected = [p for p in targets if p not in stored]
     if missing or (strict and unexpected):
-        raise KeyError(f"load(into=...) of {directory}: keys missing from `into`: {missing}; "
-                       f"keys not in the checkpoint: {unexpected}")
-    users: dict[int, list[dict[str, Any]]] = {}
-    for rec in recs:
-        t = targets[rec["key"]]
+        show = (lambda ps: sorted(map(str, ps))) if v1 else (lambda ps: sorted(display_path(p) for p in ps))
+        raise KeyError(f"load(into=...) of {directory}: keys missing from `into`: {show(missing)}; "
+                       f"keys not in the checkpoint: {show(unexpected)}")
+    users: dict[int, list[int]] = {}
+    for i, (rec, p) in enumerate(zip(recs, rec_paths)):
+        if p is None:
+            continue
+        t = targets[p]
         if list(t.shape) != rec["shape"] or dtype_name(t.dtype) != rec["dtype"]:
-            raise ValueError(f"load(into=...): {rec['key']!r} is {dtype_name(t.dtype)}{list(t.shape)} in `into` "
+            raise ValueError(f"load(into=...): {_rec_name(rec)!r} is {dtype_name(t.dtype)}{list(t.shape)} in `into` "
                              f"but {rec['dtype']}{rec['shape']} in {directory}")
-        users.setdefault(rec["storage"], []).append(rec)
+        users.setdefault(rec["storage"], []).append(i)
     # Read straight into the target when it alone is the whole stored storage.
     buffers: list[Optional[torch.Tensor]] = []
-    direct: dict[int, torch.Tensor] = {}
+    direct: set[int] = set()
     for sid, st in enumerate(body["storages"]):
-        recs_here = users.get(sid, [])
-        only = targets[recs_here[0]["key"]] if len(recs_here) == 1 else None
-        if (only is not None and only.device.type == "cpu" and only.is_contiguous()
-                and recs_here[0]["offset"] == 0 and only.numel() * only.element_size() == st["nbytes"]):
+        here = users.get(sid, [])
+        only = targets[rec_paths[here[0]]] if len(here) == 1 else None
+        rec = recs[here[0]] if here else {}
+        if (only is not None and only.device.type == "cpu" and only.is_contiguous() and rec["offset"] == 0
+                and not rec.get("conj") and not rec.get("neg")
+                and only.numel() * only.element_size() == st["nbytes"]):
             buffers.append(only.detach().reshape(-1).view(torch.uint8) if st["nbytes"] else None)
-            direct[sid] = only
+            direct.add(sid)
         else:
-            buffers.append(torch.empty(st["nbytes"], dtype=torch.uint8) if recs_here else None)
+            buffers.append(torch.empty(st["nbytes"], dtype=torch.uint8))
     _read_storages(body, paths, buffers, checks, num_threads)
+    storages = [b.untyped_storage() if b is not None else torch.UntypedStorage(0) for b in buffers]
     with torch.no_grad():
-        for sid, recs_here in users.items():
+        for sid, here in users.items():
             if sid in direct:
                 continue
-            base = buffers[sid]
-            for rec in recs_here:
-                src = torch.empty(0, dtype=dtype_from_name(rec["dtype"]))
-                if base is not None:
-                    src.set_(base.untyped_storage(), rec["offset"], rec["shape"], rec["stride"])
-                targets[rec["key"]].copy_(src)
-    return unflatten(skeleton, [targets[r["key"]] for r in recs])
+            for i in here:
+                targets[rec_paths[i]].copy_(_tensor_from(recs[i], storages))
+
+    def make(i: int) -> torch.Tensor:
+        p = rec_paths[i]
+        return targets[p] if p is not None and p in targets else _tensor_from(recs[i], storages)
+
+    return _rebuild(directory, body, make, storages, weights_only)
 
 
 def _verify_header(fd: int, path: str, frec: dict[str, Any]) -> None:

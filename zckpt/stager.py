@@ -2,8 +2,8 @@
 
 For the native format each shard is laid out in its segment as the exact image of its
 file (safetensors header, then entries), so a worker writes it in one sequential pass.
-For the compat path tensors are packed back to back (64-byte aligned) and rebuilt in
-the worker as tensors over the same shared memory.
+For the compat path each storage gets a segment of its own, and the worker maps it as
+a storage of exactly that size, so the writer sees the caller's storages, not the arena.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Optional
 
 import torch
 
-from .arena import BufferSet, Segment
+from .arena import BufferSet
 from .format import dtype_name
 from .plan import SavePlan
-from .protocol import FileTask, SegmentRef, TensorSpec
+from .protocol import FileTask, SegmentRef, StorageSpec, TensorSpec
+from .tree import Collector
 
-__all__ = ["byte_view", "stage_files", "stage_state", "layout_state"]
+__all__ = ["byte_view", "stage_files", "stage_state", "layout_state", "tensor_specs"]
 
-_ALIGN = 64
 _SMALL = 1 << 20   # below this, copy with memmove instead of torch's copy_
 
 # memmove that keeps the GIL (a PYFUNCTYPE call). Releasing it for a microsecond's copy
@@ -33,10 +33,9 @@ _memmove_holding_gil = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctype
     _MEMMOVE_ADDR)
 
 
-def byte_view(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 tensor over the whole storage of ``t`` (no copy)."""
-    st = t.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (st.nbytes(),), (1,))
+def byte_view(st: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over the whole of storage ``st`` (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (st.nbytes(),), (1,))  # type: ignore[call-overload]
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: Optional[object]) -> None:
@@ -46,14 +45,10 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: Optional[object])
         device_stager.copy(dst, src)  # type: ignore[union-attr]
 
 
-def _needs_device(plan_sources: list[torch.Tensor]) -> bool:
-    return any(t.device.type != "cpu" for t in plan_sources)
-
-
 def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
     """Copy every shard's file image into its segment; return the workers' tasks."""
     device_stager = None
-    if _needs_device([s.source for s in plan.storages]):
+    if plan.on_device:
         from ._cuda import DeviceStager
         device_stager = DeviceStager()
     tasks = []
@@ -66,11 +61,11 @@ def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
             _memmove_holding_gil(base, shard.header, len(shard.header))
             for p in shard.pieces:
                 src = sources[p.sid]
+                assert src is not None, "staging a plan whose sources were released"
                 if p.nbytes < _SMALL and src.device.type == "cpu":
                     # ~1 us, against ~10 us for building byte views and a torch copy_:
                     # tens of ms over thousands of small tensors.
-                    _memmove_holding_gil(base + p.file_offset, src.untyped_storage().data_ptr() + p.start,
-                                         p.nbytes)
+                    _memmove_holding_gil(base + p.file_offset, src.data_ptr() + p.start, p.nbytes)
                 else:  # large: torch's copy runs on several threads; device: async on a side stream
                     _copy(out[p.file_offset: p.file_offset + p.nbytes],
                           byte_view(src)[p.start: p.start + p.nbytes], device_stager)
@@ -80,29 +75,29 @@ def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
     return tasks
 
 
-def layout_state(tensors: list[torch.Tensor], shared_ok: bool) -> tuple[list[int], int]:
-    """Byte offsets in one segment for each storage that must be copied (-1: zero-copy)."""
-    offsets: list[int] = []
-    seen: dict[tuple[str, int], int] = {}
-    total = 0
-    for t in tensors:
-        st = t.untyped_storage()
-        key = (str(t.device), st.data_ptr())
-        if shared_ok and t.device.type == "cpu" and t.is_shared() and st.nbytes() > 0:
-            offsets.append(-1)
-        elif st.nbytes() > 0 and key in seen:
-            offsets.append(seen[key])
+def layout_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]]) -> tuple[list[int], list[int]]:
+    """Which storages go through the arena, and the size of each one's segment.
+
+    Returns ``(slot per storage, segment sizes)``: slot ``-1`` for an empty storage or
+    one the caller already put in shared memory (handed over without a copy, as the
+    original does), else the index of the segment that holds exactly that storage.
+    One segment per storage: the worker maps each as a storage of exactly its own
+    size, so ``torch.save`` there writes only that storage's bytes, never a neighbour's.
+    """
+    slots: list[int] = []
+    sizes: list[int] = []
+    for st, _ in storages:
+        n = st.nbytes()
+        if n == 0 or (st.device.type == "cpu" and st.is_shared()):
+            slots.append(-1)
         else:
-            offsets.append(total)
-            if st.nbytes() > 0:
-                seen[key] = total
-            total += -(-st.nbytes() // _ALIGN) * _ALIGN
-    return offsets, total
+            slots.append(len(sizes))
+            sizes.append(n)
+    return slots, sizes
 
 
-def _shared_ref(t: torch.Tensor) -> SegmentRef:
-    """Where a worker maps a tensor the user already put in shared memory."""
-    st = t.untyped_storage()
+def _shared_ref(st: torch.UntypedStorage) -> SegmentRef:
+    """Where a worker maps a storage the user already put in shared memory."""
     if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
         fd, size = st._share_fd_cpu_()  # returns the existing fd of an already-shared storage
         return SegmentRef(f"user-{fd}", f"/proc/{os.getpid()}/fd/{fd}", size)
@@ -111,30 +106,35 @@ def _shared_ref(t: torch.Tensor) -> SegmentRef:
     return SegmentRef(f"user-{name}", "/dev/shm/" + name.lstrip("/"), size)
 
 
-def stage_state(tensors: list[torch.Tensor], offsets: list[int], segment: Optional[Segment]) -> list[TensorSpec]:
-    """Copy the tensors that need it into ``segment``; describe all of them for the worker."""
+def stage_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]], slots: list[int],
+                bufset: Optional[BufferSet]) -> list[StorageSpec]:
+    """Copy the storages that need it into their segments; describe every storage for the worker."""
     device_stager = None
-    if _needs_device(tensors):
+    if any(st.device.type != "cpu" for st, _ in storages):
         from ._cuda import DeviceStager
         device_stager = DeviceStager()
     specs = []
-    sids: dict[tuple[str, int], int] = {}
-    copied: set[int] = set()
     with torch.no_grad():
-        for t, off in zip(tensors, offsets):
-            st = t.untyped_storage()
-            skey = (str(t.device), st.data_ptr()) if st.nbytes() else ("empty", len(sids))
-            sid = sids.setdefault(skey, len(sids))
-            if off < 0:
-                ref, byte_offset, cacheable = _shared_ref(t), 0, False
+        for (st, _), slot in zip(storages, slots):
+            n = st.nbytes()
+            if n == 0:
+                specs.append(StorageSpec(None, 0, False))
+            elif slot < 0:
+                specs.append(StorageSpec(_shared_ref(st), n, False))
             else:
-                assert segment is not None
-                if off not in copied and st.nbytes():
-                    _copy(segment.tensor[off: off + st.nbytes()], byte_view(t), device_stager)
-                    copied.add(off)
-                ref, byte_offset, cacheable = segment.ref(), off, True
-            specs.append(TensorSpec(ref, byte_offset, st.nbytes(), dtype_name(t.dtype), tuple(t.shape),
-                                    tuple(t.stride()), int(t.storage_offset()), sid, cacheable))
+                assert bufset is not None
+                seg = bufset.segments[slot]
+                _copy(seg.tensor[:n], byte_view(st), device_stager)
+                specs.append(StorageSpec(seg.ref(), n, True))
         if device_stager is not None:
             device_stager.wait()
     return specs
+
+
+def tensor_specs(collector: Collector) -> list[TensorSpec]:
+    """How the worker rebuilds each tensor the skeleton refers to."""
+    out = []
+    for (_, t), sid in zip(collector.tensors, collector.storage_of):
+        out.append(TensorSpec(sid, dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()), int(t.storage_offset()),
+                              t.requires_grad, type(t) is torch.nn.Parameter, t.is_conj(), t.is_neg()))
+    return out

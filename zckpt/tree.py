@@ -1,184 +1,364 @@
-"""Flatten a nested state dict into (skeleton, tensors), and encode skeletons as JSON.
+"""The structure of a state dict: typed key paths to its tensors, and its pickled skeleton.
 
-The skeleton is the user's structure with every tensor replaced by a
-:class:`TensorRef`; containers are copied (dicts keep their type and the
-``_metadata`` attribute that ``nn.Module.state_dict()`` attaches), leaves are kept.
-The compat path pickles the skeleton; the native format stores it as JSON in the
-manifest (:func:`to_json` / :func:`from_json`), with anything JSON cannot hold
-pickled (the same trust model as ``torch.load(weights_only=False)``).
+A checkpoint stores tensor bytes in shard files and everything else as a pickle, the
+way ``torch.save`` does (its ``data.pkl``), so any object ``torch.save`` can store keeps
+its type: dict subclasses (``OrderedDict`` with ``_metadata``, ``defaultdict``,
+``Counter``), namedtuples, user objects that hold tensors. Tensors never go into the
+pickle: each one becomes a persistent id naming its record in the manifest (storage,
+dtype, shape, stride, offset), so tensors anywhere in the object, not only in dicts,
+lists and tuples, are stored once in the shard files and keep their sharing.
+
+Identity is structural, never a stand-in:
+
+- a **key path** is a tuple of the keys and indices themselves (``("model", 0,
+  "weight")``), never a string joined with ``"."`` (``{"a.b": x}`` and ``{"a": {"b":
+  y}}`` are different paths); :func:`display_path` renders one unambiguously for people;
+- a **storage** is identified by its ``StorageImpl`` (``untyped_storage()._cdata``), as
+  ``torch.save`` does, never by its data pointer: two storages that start at the same
+  address (``torch.frombuffer`` twice over one buffer) are two storages.
+
+The persistent ids are tuples whose first element is ``"storage"``, because torch's
+``weights_only`` unpickler refuses any other (see :func:`load_skeleton`).
 """
 
 from __future__ import annotations
 
-import base64
 import collections
-import math
+import io
 import pickle
-from dataclasses import dataclass
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
 
-__all__ = ["TensorRef", "flatten", "unflatten", "to_json", "from_json", "key_path"]
+__all__ = ["KeyPath", "display_path", "encode_path", "decode_path", "iter_tensors", "Collector",
+           "dump_skeleton", "load_skeleton", "check_storable", "rebuild_tensor"]
+
+KeyPath = tuple[Hashable, ...]
+
+# Persistent-id tags (second element of a ("storage", tag, ...) tuple).
+TENSOR_PID = "zckpt.tensor"           # ("storage", TENSOR_PID, tensor index)
+STORAGE_PID = "zckpt.storage"         # ("storage", STORAGE_PID, storage id, dtype or None)
+
+# torch.save pickles with protocol 2, and torch's weights_only unpickler warns on others.
+PICKLE_PROTOCOL = 2
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """Placeholder for the ``index``-th tensor of a flattened state dict."""
+def display_path(path: Optional[KeyPath]) -> str:
+    """An unambiguous, readable rendering: ``model['0.weight']``, ``optim.state[0].exp_avg``.
 
-    index: int
-
-
-def key_path(parts: tuple[Any, ...]) -> str:
-    """``("model", "fc", "weight")`` -> ``"model.fc.weight"`` (for names and errors)."""
-    return ".".join(str(p) for p in parts) if parts else "<root>"
-
-
-def flatten(obj: Any, resolve_lazy: bool = True) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
-    """Return the skeleton of ``obj`` and its tensors in visiting order, with key paths.
-
-    With ``resolve_lazy``, lazy conjugate/negative views are replaced by what they read
-    as (a copy); without it they are returned as they are.
-
-    Raises:
-        TypeError: for a reference cycle, or a tensor zckpt cannot store, naming the key.
+    Identifier-like string keys are joined with dots; every other key (ints, strings
+    holding dots or digits, tuples) is shown in brackets with its ``repr``, so two
+    different paths never render alike.
     """
-    tensors: list[tuple[str, torch.Tensor]] = []
-    active: set[int] = set()
+    if path is None:
+        return "<inside an object>"
+    if not path:
+        return "<root>"
+    out = []
+    for i, k in enumerate(path):
+        if type(k) is str and _IDENT.match(k):
+            out.append(k if i == 0 else "." + k)
+        else:
+            out.append(f"[{k!r}]")
+    return "".join(out)
 
-    def visit(node: Any, path: tuple[Any, ...]) -> Any:
+
+# --- key paths in JSON: each key keeps its type -------------------------------------------
+def _encode_key(k: Any) -> Any:
+    if type(k) is str:
+        return k
+    if type(k) is bool or k is None:
+        return {"@": "const", "v": k}
+    if type(k) is int:
+        return {"@": "int", "v": str(k)}   # a string: JSON readers may round big ints
+    if type(k) is float:
+        return {"@": "float", "v": repr(k)}
+    if type(k) is tuple:
+        return {"@": "tuple", "v": [_encode_key(x) for x in k]}
+    # Any other hashable key (enum members, frozensets, ...): identified by type and repr.
+    return {"@": "other", "type": f"{type(k).__module__}.{type(k).__qualname__}", "v": repr(k)}
+
+
+def _decode_key(v: Any) -> Any:
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"bad key in a key path: {v!r}")
+    tag = v.get("@")
+    if tag == "const":
+        return v["v"]
+    if tag == "int":
+        return int(v["v"])
+    if tag == "float":
+        return float(v["v"])
+    if tag == "tuple":
+        return tuple(_decode_key(x) for x in v["v"])
+    if tag == "other":
+        return _OtherKey(v["type"], v["v"])
+    raise ValueError(f"bad key tag {tag!r} in a key path")
+
+
+class _OtherKey(tuple):
+    """A key of a type the manifest records only by type name and repr."""
+
+    def __new__(cls, type_name: str, text: str) -> "_OtherKey":
+        return super().__new__(cls, (type_name, text))
+
+    def __repr__(self) -> str:
+        return self[1]
+
+
+def encode_path(path: KeyPath) -> list[Any]:
+    """A key path as JSON data; equal paths, and only those, encode alike."""
+    return [_encode_key(k) for k in path]
+
+
+def decode_path(data: list[Any]) -> KeyPath:
+    return tuple(_decode_key(v) for v in data)
+
+
+def comparable_path(path: KeyPath) -> KeyPath:
+    """``path`` with keys of unrecorded types replaced as the manifest records them."""
+    return decode_path(encode_path(path))
+
+
+# --- walking ------------------------------------------------------------------------------
+def iter_tensors(obj: Any) -> Iterator[tuple[KeyPath, torch.Tensor]]:
+    """Yield ``(key path, tensor)`` for every tensor reachable through dicts, lists and
+    tuples (and their subclasses), depth first in insertion order.
+
+    Iterative, with an explicit stack: no closure refers to itself, so nothing this
+    creates needs the cyclic garbage collector to be freed (training stacks often run
+    with ``gc.disable()``). A container met again inside itself (a cycle) is not
+    re-entered; one shared by two paths is walked under both.
+    """
+    stack: list[Any] = [(obj, ())]
+    open_ids: set[int] = set()        # containers on the current path
+    while stack:
+        item = stack.pop()
+        if type(item) is _Exit:
+            open_ids.discard(item.ident)
+            continue
+        node, path = item
         if isinstance(node, torch.Tensor):
-            _check_storable(node, path)
-            if resolve_lazy and (node.is_conj() or node.is_neg()):
-                # A lazy conj/neg view's storage holds the un-conjugated values and the
-                # manifest has no bit for it: store the values it reads as (a copy).
-                node = node.resolve_conj().resolve_neg()
-            tensors.append((key_path(path), node))
-            return TensorRef(len(tensors) - 1)
-        if isinstance(node, (dict, list, tuple)):
-            if id(node) in active:
-                raise TypeError(f"state dict has a reference cycle at {key_path(path)!r}")
-            active.add(id(node))
-            try:
-                return _map_container(node, path, visit)
-            finally:
-                active.discard(id(node))
-        return node
-
-    return visit(obj, ()), tensors
+            yield path, node
+            continue
+        if isinstance(node, dict):
+            children = [(v, path + (k,)) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            children = [(v, path + (i,)) for i, v in enumerate(node)]
+        else:
+            continue
+        if id(node) in open_ids:
+            continue
+        open_ids.add(id(node))
+        stack.append(_Exit(id(node)))
+        stack.extend(reversed(children))
 
 
-def _map_container(node: Any, path: tuple[Any, ...], visit: Callable[[Any, tuple[Any, ...]], Any]) -> Any:
-    if isinstance(node, dict):
-        items = [(k, visit(v, path + (k,))) for k, v in node.items()]
-        out: Any = collections.OrderedDict(items) if isinstance(node, collections.OrderedDict) else dict(items)
-        meta = getattr(node, "_metadata", None)
-        if meta is not None:
-            out._metadata = meta  # nn.Module.load_state_dict reads versions from it
-        return out
-    if isinstance(node, list):
-        return [visit(v, path + (i,)) for i, v in enumerate(node)]
-    if hasattr(node, "_fields") and type(node) is not tuple:  # namedtuple
-        return type(node)(*(visit(v, path + (i,)) for i, v in enumerate(node)))
-    return tuple(visit(v, path + (i,)) for i, v in enumerate(node))
+class _Exit:
+    __slots__ = ("ident",)
 
-
-def _check_storable(t: torch.Tensor, path: tuple[Any, ...]) -> None:
-    # On the trainer's hot path: cheap checks first, the key path only on error.
-    if t.layout is torch.strided and not t.is_quantized and type(t) in _PLAIN and t.device.type != "meta" \
-            and not t.is_nested:
-        return
-    where = key_path(path)
-    if t.layout != torch.strided:
-        raise TypeError(f"tensor {where!r} has layout {t.layout}; zckpt stores strided tensors only "
-                        "(convert sparse tensors with .to_dense())")
-    if t.is_quantized:
-        raise TypeError(f"tensor {where!r} is quantized; zckpt does not store quantized tensors")
-    if t.device.type == "meta":
-        raise TypeError(f"tensor {where!r} is on the meta device and has no data to save")
-    if t.is_nested:
-        raise TypeError(f"tensor {where!r} is a nested tensor; zckpt does not store those")
-    # DTensor, FakeTensor, functional wrappers: their storage is not their data.
-    raise TypeError(f"tensor {where!r} is a {type(t).__name__}; zckpt stores plain tensors "
-                    "and Parameters (convert subclasses, e.g. DTensor.to_local())")
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def unflatten(skeleton: Any, tensors: list[Any]) -> Any:
-    """Inverse of :func:`flatten`: put ``tensors[i]`` where ``TensorRef(i)`` stands."""
-    def visit(node: Any) -> Any:
-        if isinstance(node, TensorRef):
-            return tensors[node.index]
-        if isinstance(node, (dict, list, tuple)):
-            return _map_container(node, (), lambda v, _p: visit(v))
-        return node
-    return visit(skeleton)
-
-
-# --- JSON encoding of a skeleton (the manifest's "tree") ------------------------------
-# Tagged objects: {"@": kind, ...}. Plain JSON scalars stand for themselves; floats that
-# JSON cannot spell (nan, inf) and everything else go through tags.
-
-def to_json(skeleton: Any) -> Any:
-    """Encode a skeleton as JSON-compatible data.
+def check_storable(t: torch.Tensor, where: str) -> None:
+    """Refuse tensors zckpt cannot store, naming ``where``.
 
     Raises:
-        TypeError: for a leaf that cannot be pickled, naming its key path.
+        TypeError: sparse, quantized, nested or meta tensors, and tensor subclasses.
     """
-    def enc(node: Any, path: tuple[Any, ...]) -> Any:
-        if node is None or isinstance(node, (bool, str)):
-            return node
-        if type(node) is int:
-            return node
-        if type(node) is float:
-            return node if math.isfinite(node) else {"@": "float", "v": repr(node)}
-        if isinstance(node, TensorRef):
-            return {"@": "tensor", "i": node.index}
-        if type(node) in (dict, collections.OrderedDict):
-            out: dict[str, Any] = {
-                "@": "odict" if isinstance(node, collections.OrderedDict) else "dict",
-                "items": [[enc(k, path + (k,)), enc(v, path + (k,))] for k, v in node.items()],
-            }
-            meta = getattr(node, "_metadata", None)
-            if meta is not None:
-                out["meta"] = enc(meta, path + ("_metadata",))
-            return out
-        if type(node) is list:
-            return {"@": "list", "items": [enc(v, path + (i,)) for i, v in enumerate(node)]}
-        if type(node) is tuple:
-            return {"@": "tuple", "items": [enc(v, path + (i,)) for i, v in enumerate(node)]}
+    # On the trainer's hot path: cheap checks first.
+    if type(t) in _PLAIN and t.layout is torch.strided and not t.is_quantized and t.device.type != "meta" \
+            and not t.is_nested:
+        return
+    if type(t) not in _PLAIN:
+        # DTensor, FakeTensor, functional wrappers: their storage is not their data.
+        raise TypeError(f"tensor {where} is a {type(t).__name__}; zckpt stores plain tensors "
+                        "and Parameters (convert subclasses, e.g. DTensor.to_local())")
+    if t.layout != torch.strided:
+        raise TypeError(f"tensor {where} has layout {t.layout}; zckpt stores strided tensors only "
+                        "(convert sparse tensors with .to_dense())")
+    if t.is_quantized:
+        raise TypeError(f"tensor {where} is quantized; zckpt does not store quantized tensors")
+    if t.device.type == "meta":
+        raise TypeError(f"tensor {where} is on the meta device and has no data to save")
+    raise TypeError(f"tensor {where} is a nested tensor; zckpt does not store those")
+
+
+def _has_python_state(t: torch.Tensor) -> bool:
+    # torch.save keeps attributes set on a tensor (t.foo = 1) through its own reduce.
+    d = getattr(t, "__dict__", None)
+    return bool(d)
+
+
+class Collector:
+    """The tensors and storages of one state dict, found by walking and by pickling.
+
+    ``tensors`` holds ``(key path or None, tensor)``: one entry per key path that
+    reaches a tensor through containers, plus one per tensor found only inside another
+    object while pickling (path None). ``storages`` holds ``(storage, first user)`` per
+    distinct storage in first-seen order (the user is None for a storage saved on its
+    own); ``storage_of[i]`` is the storage id of ``tensors[i]``.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: list[tuple[Optional[KeyPath], torch.Tensor]] = []
+        self.storage_of: list[int] = []
+        self.storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]] = []
+        self._sid_by_impl: dict[int, int] = {}
+        self._index_by_id: dict[int, int] = {}
+
+    def walk(self, obj: Any) -> None:
+        """Register every tensor reachable through containers, with its key path.
+
+        Raises:
+            TypeError: a tensor zckpt cannot store, naming its key path.
+        """
+        for path, t in iter_tensors(obj):
+            check_storable(t, repr(display_path(path)))
+            self._add(path, t)
+
+    def _add(self, path: Optional[KeyPath], t: torch.Tensor) -> int:
+        index = len(self.tensors)
+        self.tensors.append((path, t))   # holds t: its id() cannot be reused meanwhile
+        self.storage_of.append(self.storage_id(t.untyped_storage(), t))
+        self._index_by_id.setdefault(id(t), index)
+        return index
+
+    def storage_id(self, st: torch.UntypedStorage, user: Optional[torch.Tensor] = None) -> int:
+        """The id of a storage, by its StorageImpl; registers it on first sight."""
+        impl = st._cdata
+        sid = self._sid_by_impl.get(impl)
+        if sid is None:
+            sid = self._sid_by_impl[impl] = len(self.storages)
+            self.storages.append((st, user))   # holds the StorageImpl alive
+        return sid
+
+    def tensor_index(self, t: torch.Tensor) -> int:
+        """Index of a tensor object met while pickling (registered with path None if new)."""
+        index = self._index_by_id.get(id(t))
+        if index is None:
+            check_storable(t, "held inside an object")
+            index = self._add(None, t)
+        return index
+
+    def release(self) -> None:
+        """Drop every reference to the caller's tensors and storages."""
+        self.tensors = []
+        self.storages = []
+        self._index_by_id = {}
+
+
+class _SkeletonPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, collector: Collector) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self._collector = collector
+
+    def persistent_id(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is torch.Tensor or t is torch.nn.Parameter:
+            if _has_python_state(obj):
+                return None  # torch's own reduce keeps its attributes; its storage comes here
+            return ("storage", TENSOR_PID, self._collector.tensor_index(obj))
+        if t is torch.storage.TypedStorage:
+            sid = self._collector.storage_id(obj._untyped_storage)
+            return ("storage", STORAGE_PID, sid, obj.dtype)
+        if t is torch.UntypedStorage:
+            return ("storage", STORAGE_PID, self._collector.storage_id(obj), None)
+        if isinstance(obj, torch.Tensor):
+            check_storable(obj, "held inside an object")
+        return None
+
+
+def dump_skeleton(obj: Any, collector: Collector) -> bytes:
+    """Pickle ``obj`` with every tensor and storage replaced by a persistent id.
+
+    Tensors the collector has not seen (held inside other objects) are registered.
+
+    Raises:
+        TypeError: a value cannot be pickled, or a tensor cannot be stored.
+    """
+    buf = io.BytesIO()
+    try:
+        _SkeletonPickler(buf, collector).dump(obj)
+    except (TypeError, pickle.PicklingError, AttributeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, TypeError) and str(exc).startswith("tensor "):
+            raise  # check_storable's own message
+        raise TypeError(f"{_locate_unpicklable(obj)} cannot be saved: it is not picklable ({exc})") from exc
+    return buf.getvalue()
+
+
+def _locate_unpicklable(obj: Any) -> str:
+    """Name the first leaf reachable through containers that does not pickle (error path only)."""
+    stack: list[tuple[Any, KeyPath]] = [(obj, ())]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, torch.Tensor) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            stack.extend(reversed([(v, path + (k,)) for k, v in node.items()]))
+            continue
+        if isinstance(node, (list, tuple)):
+            stack.extend(reversed([(v, path + (i,)) for i, v in enumerate(node)]))
+            continue
         try:
-            blob = pickle.dumps(node, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise TypeError(f"value at {key_path(path)!r} ({type(node).__name__}) cannot be "
-                            f"saved: it is not picklable ({exc})") from exc
-        return {"@": "pickle", "b64": base64.b64encode(blob).decode("ascii")}
-
-    return enc(skeleton, ())
+            _SkeletonPickler(io.BytesIO(), Collector()).dump(node)
+        except Exception:  # noqa: BLE001 - any failure names this leaf
+            return f"the value at {display_path(path)!r} ({type(node).__name__})"
+    return "a value in the state dict"
 
 
-def from_json(data: Any) -> Any:
-    """Decode :func:`to_json` output back into a skeleton with :class:`TensorRef` leaves."""
-    if not isinstance(data, dict):
-        return data
-    tag = data.get("@")
-    if tag == "tensor":
-        return TensorRef(int(data["i"]))
-    if tag in ("dict", "odict"):
-        items = [(from_json(k), from_json(v)) for k, v in data["items"]]
-        out: Any = collections.OrderedDict(items) if tag == "odict" else dict(items)
-        if "meta" in data:
-            out._metadata = from_json(data["meta"])
-        return out
-    if tag == "list":
-        return [from_json(v) for v in data["items"]]
-    if tag == "tuple":
-        return tuple(from_json(v) for v in data["items"])
-    if tag == "float":
-        return float(data["v"])
-    if tag == "pickle":
-        return pickle.loads(base64.b64decode(data["b64"]))
-    raise ValueError(f"unknown tree node tag {tag!r}")
+def load_skeleton(data: bytes, tensor: Callable[[int], torch.Tensor],
+                  storage: Callable[[int, Optional[torch.dtype]], Any], *, weights_only: bool) -> Any:
+    """Unpickle a skeleton, resolving persistent ids through ``tensor`` and ``storage``.
 
+    With ``weights_only`` the pickle is read by torch's own restricted unpickler
+    (``torch._weights_only_unpickler``, the one ``torch.load(weights_only=True)`` uses,
+    honouring ``torch.serialization.add_safe_globals``): it accepts exactly the types
+    ``torch.load(weights_only=True)`` accepts and raises ``pickle.UnpicklingError``
+    naming any other. Without it, any pickle runs: use only for trusted checkpoints.
+    """
+    def persistent_load(pid: Any) -> Any:
+        if not (type(pid) is tuple and len(pid) >= 3 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r} in the checkpoint's structure")
+        if pid[1] == TENSOR_PID:
+            return tensor(int(pid[2]))
+        if pid[1] == STORAGE_PID:
+            return storage(int(pid[2]), pid[3] if len(pid) > 3 else None)
+        raise pickle.UnpicklingError(f"unknown persistent id kind {pid[1]!r}")
+
+    if weights_only:
+        from torch import _weights_only_unpickler
+
+        up: Any = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
+    else:
+        up = pickle.Unpickler(io.BytesIO(data))
+    up.persistent_load = persistent_load
+    return up.load()
+
+
+def rebuild_tensor(storage: torch.UntypedStorage, dtype: torch.dtype, storage_offset: int, shape: Any,
+                   stride: Any, *, requires_grad: bool, is_param: bool, conj: bool = False,
+                   neg: bool = False) -> torch.Tensor:
+    """A view of ``storage`` rebuilt the way ``torch.load`` rebuilds a saved tensor.
+
+    Uses torch's own ``_rebuild_tensor_v2`` (lazy conjugate and negative bits restored
+    from the metadata, as torch does) and ``Parameter(data, requires_grad)``.
+    """
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+    metadata = {k: True for k, v in (("conj", conj), ("neg", neg)) if v} or None
+    t = torch._utils._rebuild_tensor_v2(typed, storage_offset, tuple(shape), tuple(stride),
+                                        requires_grad and not is_param, collections.OrderedDict(), metadata)
+    if is_param:
+        t = torch.nn.Parameter(t, requires_grad)
+    return t

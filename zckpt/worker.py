@@ -21,6 +21,7 @@ torch is imported only by the compat "state" mode.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import pickle
@@ -49,8 +50,8 @@ EXIT_ORPHANED = 70
 def _exit_orphaned(endpoint: str, parent_pid: int, why: str, settle_s: float = 0.0) -> None:
     """The trainer is gone: remove its socket directory (it cannot) and exit now.
 
-    Only when the parent really changed: a worker sent SIGTERM by hand while the
-    trainer lives must not delete the trainer's live socket. The parent-death signal
+    Only when the parent really changed: a worker giving up on a trainer that lives but
+    went silent (stopped) must not delete the trainer's live socket. The parent-death signal
     can arrive while the dying trainer's other threads still hold its pid, so wait up
     to ``settle_s`` for the reparenting to show.
     """
@@ -63,6 +64,15 @@ def _exit_orphaned(endpoint: str, parent_pid: int, why: str, settle_s: float = 0
             shutil.rmtree(ipc_dir, ignore_errors=True)
     logger.error("%s; worker exits", why)
     os._exit(EXIT_ORPHANED)
+
+
+def _on_sigterm(endpoint: str, parent_pid: int, signum: int, frame: Any) -> None:
+    """SIGTERM handler: exit only if the trainer is gone; the live trainer decides otherwise."""
+    if os.getppid() == parent_pid:
+        logger.warning("ignoring SIGTERM: the trainer (pid %d) is alive and decides when its workers stop "
+                       "(a preemption signals the whole process group)", parent_pid)
+        return
+    _exit_orphaned(endpoint, parent_pid, "received SIGTERM after the trainer died")
 
 
 class _Heartbeat(threading.Thread):
@@ -127,7 +137,7 @@ class Worker:
         self.init: Optional[P.InitRequest] = None
         self.writer: Any = None
         self._maps: dict[str, Any] = {}        # segment key -> mmap (files mode)
-        self._storages: dict[str, Any] = {}    # segment key -> torch storage (state mode)
+        self._storages: dict[str, Any] = {}    # segment key -> (nbytes, torch storage) (state mode)
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="zckpt-hash")
 
     def send(self, kind: P.Kind, body: Any = P.Empty()) -> None:
@@ -263,12 +273,7 @@ class Worker:
             if mm is None:
                 mm = self._maps[seg.key] = map_segment(seg.path, seg.nbytes)
             return mm
-        storage = self._storages.get(seg.key)
-        if storage is None:
-            import torch
-            storage = self._storages[seg.key] = torch.UntypedStorage.from_file(seg.path, shared=True,
-                                                                               nbytes=seg.nbytes)
-        return storage
+        return self._state_storage(seg, seg.nbytes)
 
     def _write_files(self, job: P.WriteFiles) -> P.JobResult:
         assert self.init is not None
@@ -292,31 +297,57 @@ class Worker:
     def _write_state(self, job: P.WriteState) -> P.JobResult:
         import torch
 
-        from .tree import unflatten
+        from .tree import load_skeleton, rebuild_tensor
 
         self._drop_unlisted(job.live_keys)
-        skeleton = pickle.loads(job.tree)
-        per_job: dict[str, Any] = {}
-        tensors = []
-        for spec in job.tensors:
-            dtype = getattr(torch, spec.dtype)
-            if spec.nbytes == 0:
-                tensors.append(torch.empty_strided(spec.shape, spec.stride, dtype=dtype))
-                continue
-            if spec.cacheable:
-                storage = self._mapping(spec.segment)
+        # One storage per caller storage, of exactly its size: torch.save in the writer
+        # then writes that storage and nothing of the arena around it, and tensors share
+        # a storage here exactly where they shared one in the trainer.
+        storages: list[Any] = []
+        for spec in job.storages:
+            if spec.segment is None:
+                storages.append(torch.UntypedStorage(0))
+            elif spec.cacheable:
+                storages.append(self._state_storage(spec.segment, spec.nbytes))
             else:  # the caller's own shared memory: mapped for this job only
-                storage = per_job.get(spec.segment.key)
-                if storage is None:
-                    storage = per_job[spec.segment.key] = torch.UntypedStorage.from_file(
-                        spec.segment.path, shared=True, nbytes=spec.segment.nbytes)
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            t = torch.empty(0, dtype=dtype)
-            t.set_(storage, spec.byte_offset // itemsize + spec.storage_offset, spec.shape, spec.stride)  # type: ignore[arg-type]
-            tensors.append(t)
-        state_dict = unflatten(skeleton, tensors)
-        self.writer.write(path=job.path, state_dict=state_dict, **job.kwargs)
+                storages.append(torch.UntypedStorage.from_file(spec.segment.path, shared=True, nbytes=spec.nbytes))
+        built: dict[int, Any] = {}
+
+        def tensor(index: int) -> Any:
+            t = built.get(index)
+            if t is None:
+                ts = job.tensors[index]
+                t = built[index] = rebuild_tensor(
+                    storages[ts.storage], getattr(torch, ts.dtype), ts.storage_offset, ts.shape, ts.stride,
+                    requires_grad=ts.requires_grad, is_param=ts.is_param, conj=ts.conj, neg=ts.neg)
+            return t
+
+        def storage(sid: int, dtype: Any) -> Any:
+            if dtype is None:
+                return storages[sid]
+            return torch.storage.TypedStorage(wrap_storage=storages[sid], dtype=dtype, _internal=True)
+
+        # The trainer is this worker's parent and the only peer that can reach it: its
+        # pickle is trusted as the original CheckpointProcess trusts its pipe.
+        state_dict = load_skeleton(job.tree, tensor, storage, weights_only=False)
+        try:
+            self.writer.write(path=job.path, state_dict=state_dict, **job.kwargs)
+        finally:
+            # Nothing of this job outlives it (no cycle holds it either): the caller's
+            # own shared memory is unmapped now, not at the next garbage collection.
+            built.clear()
+            storages.clear()
+            state_dict = None
         return P.JobResult(job.job_id, [])
+
+    def _state_storage(self, seg: P.SegmentRef, nbytes: int) -> Any:
+        """A cached storage of exactly ``nbytes`` over an arena segment (one per segment)."""
+        cached = self._storages.get(seg.key)
+        if cached is None or cached[0] != nbytes:
+            import torch
+            storage = torch.UntypedStorage.from_file(seg.path, shared=True, nbytes=nbytes)
+            self._storages[seg.key] = cached = (nbytes, storage)
+        return cached[1]
 
     def _close_writer(self) -> None:
         close = getattr(self.writer, "close", None)
@@ -360,10 +391,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Ctrl-C reaches the whole process group: the trainer decides what happens (it may
     # want to save one last checkpoint), so workers ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The trainer's death (even by SIGKILL) sends SIGTERM here; the handler removes the
-    # trainer's socket directory and exits. The heartbeat thread's getppid() check
-    # covers a main thread stuck in a long system call.
-    signal.signal(signal.SIGTERM, lambda *_: _exit_orphaned(endpoint, parent_pid, "received SIGTERM", settle_s=2.0))
+    # SIGTERM means two things here. The trainer's death (even by SIGKILL) sends it as
+    # the parent-death signal: then the handler removes the trainer's socket directory
+    # and exits. But preemption (SLURM, Kubernetes) sends it to the whole process group
+    # while the trainer lives, and the trainer's handler may want to finish the save in
+    # flight and save once more: so while the parent is still the trainer, it is ignored.
+    # A death signal that arrives before the reparenting shows is ignored too; the
+    # heartbeat thread's getppid() check (every <= 0.25 s) then ends the worker, and
+    # also covers a main thread stuck in a long system call.
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, endpoint, parent_pid))
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent_pid:  # the trainer died before the signal was armed
         _exit_orphaned(endpoint, parent_pid, "trainer died before the worker started")
