@@ -21,7 +21,10 @@ Deliberate differences from torch:
   arena, a worker that starts without importing torch until its writer needs it.
 - A tensor that is not yet in shared memory is copied into the reusable arena, instead
   of being moved into freshly allocated shared memory in place (which costs page
-  faults on every save and changes the caller's tensor).
+  faults on every save and changes the caller's tensor). Each storage gets a segment of
+  its own (page-rounded, reused from write to write), mapped in the worker as a shared
+  storage of exactly the caller's size: the writer sees what the original's sees, and
+  ``torch.save`` writes the same file. The trainer holds one fd per staged storage.
 - ``close()`` is bounded by ``subprocess_shutdown_timeout_secs`` even when a write hangs
   (the original waits for the write forever).
 - ``CheckpointWriter`` fsyncs the file it writes (the original does not).
