@@ -151,7 +151,8 @@ def _key_of(name: str, body: dict[str, Any], st: os.stat_result) -> _Key:
     if rec is not None:
         return (1, rec[0], rec[1], name)
     created = body.get("created_unix")
-    if type(created) in (int, float) and math.isfinite(created) and 0 <= created < 1e11:
+    if isinstance(created, (int, float)) and not isinstance(created, bool) and math.isfinite(created) \
+            and 0 <= created < 1e11:
         return (0, 0, int(created * 1e9), name)
     return (0, 0, st.st_mtime_ns, name)
 

@@ -19,8 +19,9 @@ import xxhash
 
 from .errors import CorruptCheckpointError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "COMMIT_KEY", "checksum_hex", "write_manifest",
-           "read_manifest", "with_commit_record", "encode_skeleton", "decode_skeleton", "READABLE_VERSIONS", "commit_record", "peek_commit_record"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY", "checksum_hex",
+           "write_manifest", "read_manifest", "with_commit_record", "commit_record", "peek_commit_record",
+           "encode_skeleton", "decode_skeleton"]
 
 FORMAT_NAME = "zckpt"
 # 2: the structure is a pickle with persistent ids (zckpt.tree), tensor records carry

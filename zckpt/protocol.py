@@ -24,7 +24,8 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "Kind", "ProtocolError", "Hello", "InitRequest", "ErrorReport", "Heartbeat",
-    "SegmentRef", "FileTask", "WriteFiles", "StorageSpec", "TensorSpec", "WriteState", "MapSegments", "CommitJob", "FileResult",
+    "SegmentRef", "FileTask", "WriteFiles", "StorageSpec", "TensorSpec", "WriteState", "MapSegments", "CommitJob",
+    "FileResult",
     "JobResult", "Empty", "encode", "decode", "command_id", "heartbeat_id", "parse_id",
 ]
 

@@ -101,11 +101,13 @@ def _check_available(dev: torch.device, saved: str, where: str) -> None:
                            f"but this machine has {count()} {dev.type} device(s): {hint}")
 
 
-def _place(buf: torch.Tensor, dev: Optional[torch.device], saved: str, map_location: MapLocation) -> torch.UntypedStorage:
+def _place(buf: torch.Tensor, dev: Optional[torch.device], saved: str,
+           map_location: MapLocation) -> torch.UntypedStorage:
     """Move a loaded CPU storage where it belongs."""
     st = buf.untyped_storage()
     if dev is None:  # a callable, called as torch.load calls it
-        moved = map_location(st, saved)  # type: ignore[operator]
+        assert callable(map_location)
+        moved = map_location(st, saved)
         if moved is None:
             dev = torch.device(saved)
         else:
