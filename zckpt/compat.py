@@ -57,7 +57,7 @@ from .errors import PoolClosedError, WorkerDiedError, WorkerInitError, ZckptErro
 from .pool import CheckpointPool
 from .stager import layout_state, stage_state, tensor_specs
 from .supervisor import ShardJob
-from .tree import Collector, dump_skeleton
+from .tree import Collector, dump_skeleton, gc_paused
 
 __all__ = [
     "CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse",
@@ -199,9 +199,10 @@ class _StatePool(CheckpointPool):
 
     def write_state(self, state_dict: Any, path: str, kwargs: dict[str, Any]) -> Future:
         self._check_open()
-        collector = Collector()
-        collector.walk(state_dict)
-        tree = dump_skeleton(state_dict, collector)
+        with gc_paused():
+            collector = Collector()
+            collector.walk(state_dict)
+            tree = dump_skeleton(state_dict, collector)
         slots, sizes = layout_state(collector.storages)
         pin = any(st.device.type == "cuda" for st, _ in collector.storages)
         bufset = self._arena.acquire(sizes, self.config.save_timeout_s, pin=pin)

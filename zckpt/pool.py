@@ -52,7 +52,7 @@ from .manifest import FORMAT_NAME, FORMAT_VERSION, encode_skeleton
 from .plan import SavePlan, collect_storages, manifest_records, plan_save
 from .stager import stage_files
 from .supervisor import ShardJob, Supervisor
-from .tree import Collector, dump_skeleton
+from .tree import Collector, dump_skeleton, gc_paused
 
 __all__ = ["CheckpointPool", "SaveFuture", "PoolState", "PoolStats"]
 
@@ -402,13 +402,14 @@ class CheckpointPool:
         The returned plan still references the caller's storages (to copy from); call
         ``plan.release_sources()`` once staged. Checksums are filled in at commit.
         """
-        collector = Collector()
-        collector.walk(state_dict)
-        skeleton = dump_skeleton(state_dict, collector)
-        storages, infos = collect_storages(collector)
-        collector.release()
-        plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
-                         self.config.split_large_tensors)
+        with gc_paused():
+            collector = Collector()
+            collector.walk(state_dict)
+            skeleton = dump_skeleton(state_dict, collector)
+            storages, infos = collect_storages(collector)
+            collector.release()
+            plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
+                             self.config.split_large_tensors)
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
             "tree": encode_skeleton(skeleton),
