@@ -148,10 +148,14 @@ class CheckpointWriter:
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Optional[Future]:
         full_path = Path(path) / f"checkpoint_{self._rank_info.global_rank}.pt"
         os.makedirs(full_path.parent, exist_ok=True)
-        with open(full_path, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
+        # By name, as the original does: torch.save names the zip's root after the file
+        # ("checkpoint_0/"), so the file is the original's byte for byte; then fsync it.
+        torch.save(state_dict, str(full_path))
+        fd = os.open(full_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if self._commit_hook is not None:
             self._commit_hook.pre_commit(path, **kwargs)
         if self._barrier is not None:

@@ -271,7 +271,8 @@ class CheckpointPool:
         finals = [final] + [os.path.join(m, os.path.basename(final)) for m in self.config.mirrors]
         for f in finals:
             if os.path.lexists(f):
-                raise FileExistsError(f"a checkpoint already exists at {f!r}; zckpt never overwrites one")
+                what = "a checkpoint" if os.path.isdir(f) else "a file"
+                raise FileExistsError(f"{what} already exists at {f!r}; zckpt never overwrites anything")
         fut = SaveFuture(final)
         if self.config.async_staging:
             with self._lock:

@@ -86,7 +86,7 @@ def _restore_plan(body: dict[str, Any], map_location: MapLocation, where: str) -
 
 
 def _check_available(dev: torch.device, saved: str, where: str) -> None:
-    if dev.type == "cpu":
+    if dev.type in ("cpu", "meta"):
         return
     backend = getattr(torch, dev.type, None)
     available = getattr(backend, "is_available", None)
@@ -112,6 +112,8 @@ def _place(buf: torch.Tensor, dev: Optional[torch.device], saved: str,
             dev = torch.device(saved)
         else:
             return moved.untyped() if isinstance(moved, torch.storage.TypedStorage) else moved
+    if dev.type == "meta":  # shapes without data, as torch.load(map_location="meta") gives
+        return torch.UntypedStorage(st.nbytes(), device="meta")
     return st if dev.type == "cpu" else buf.to(dev).untyped_storage()
 
 
@@ -188,6 +190,9 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
         RuntimeError: a storage would load onto a device this machine lacks.
         KeyError, ValueError: with ``into``, key paths, shapes or dtypes that do not match.
     """
+    if path is None:
+        raise TypeError("zckpt.load(path=None): no checkpoint to load (zckpt.latest() returns None "
+                        "when a root holds no committed checkpoint yet)")
     directory = os.fspath(path)
     body = read_manifest(directory)
     paths = _check_files(directory, body)
@@ -231,9 +236,16 @@ def _rebuild(directory: str, body: dict[str, Any], make: Callable[[int], torch.T
             return storages[sid]
         return torch.storage.TypedStorage(wrap_storage=storages[sid], dtype=dtype, _internal=True)
 
-    if body["version"] == 1:
-        return _decode_v1_tree(body["tree"], tensor, weights_only)
-    return load_skeleton(decode_skeleton(body["tree"], directory), tensor, storage, weights_only=weights_only)
+    try:
+        if body["version"] == 1:
+            return _decode_v1_tree(body["tree"], tensor, weights_only)
+        return load_skeleton(decode_skeleton(body["tree"], directory), tensor, storage, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if not weights_only:
+            raise
+        raise pickle.UnpicklingError(
+            f"{directory}: weights_only=True refused the checkpoint's structure: {exc} "
+            "(or, only if you trust where this checkpoint came from, load it with weights_only=False)") from exc
 
 
 def _decode_v1_tree(data: Any, tensor: Callable[[int], torch.Tensor], weights_only: bool) -> Any:
@@ -326,13 +338,13 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
     stored = {p for p in rec_paths if p is not None}
     missing = [p for p in stored if p not in targets]
     unexpected = [p for p in targets if p not in stored]
-    if missing or (strict and unexpected):
+    if strict and (missing or unexpected):
         show = (lambda ps: sorted(map(str, ps))) if v1 else (lambda ps: sorted(display_path(p) for p in ps))
         raise KeyError(f"load(into=...) of {directory}: keys missing from `into`: {show(missing)}; "
                        f"keys not in the checkpoint: {show(unexpected)}")
     users: dict[int, list[int]] = {}
     for i, (rec, p) in enumerate(zip(recs, rec_paths)):
-        if p is None:
+        if p is None or p not in targets:  # loaded as new tensors (strict=False)
             continue
         t = targets[p]
         if list(t.shape) != rec["shape"] or dtype_name(t.dtype) != rec["dtype"]:
