@@ -155,10 +155,62 @@ def test_old_manifests_fall_back_to_created_unix_then_mtime(make_pool, tmp_path)
 
 
 def test_commit_record_is_first_and_the_body_is_not_mutated(tmp_path):
-    body = {"format": "zckpt", "version": 1, "commit": {"sequence": 9, "unix_time_ns": 9}, "x": [1]}
+    body = {"format": "zckpt", "version": 1, "commit": {"sequence": 9, "unix_time_ns": 9}, "x": [1],
+            "files": [], "storages": [], "tensors": []}
     stamped = with_commit_record(body, 5, 123)
     assert body["commit"] == {"sequence": 9, "unix_time_ns": 9}
-    assert list(stamped) == ["commit", "format", "version", "x"] and stamped["x"] is body["x"]
+    assert list(stamped)[:4] == ["commit", "format", "version", "x"] and stamped["x"] is body["x"]
     write_manifest(str(tmp_path), stamped, fsync=False)
     assert peek_commit_record(str(tmp_path)) == (5, 123)
     assert read_manifest(str(tmp_path))["commit"] == {"sequence": 5, "unix_time_ns": 123}
+
+
+def test_overlapping_saves_commit_in_the_order_they_were_made(make_pool, tmp_path):
+    """Was: with two staging buffers, a later save whose writes finished first committed
+    first, so the earlier one got the higher sequence: latest() named it and keep_last=1
+    deleted the newer checkpoint."""
+    from concurrent.futures import wait
+
+    from _writers import GateWriter, wait_for_file
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    root = tmp_path / "root"
+    pool = make_pool(config=PoolConfig(num_workers=2, fsync=False, staging_buffers=2, keep_last=1,
+                                       heartbeat_interval_s=0.2),
+                     writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    first = pool.save({"a": torch.ones(1000), "b": torch.ones(1000), "step": 100}, root / "step-100")
+    wait_for_file(str(next_started(gate)), 30)
+    second = pool.save({"step": 200}, root / "step-200")       # nothing to write: ready at once
+    done, _ = wait([second], timeout=1.0)
+    assert not done, "a later save committed while an earlier one was still being written"
+    (gate / "open").touch()
+    assert first.result(timeout=60) and second.result(timeout=60)
+    assert zckpt.latest(root) == str(root / "step-200")
+    assert sorted(os.listdir(root)) == ["step-200"]
+
+
+def next_started(gate):
+    """The marker a GateWriter leaves once a write has begun (any worker)."""
+    import glob
+
+    from conftest import wait_until
+    wait_until(lambda: glob.glob(str(gate / "started-*")), 30, "a gated write to start")
+    return glob.glob(str(gate / "started-*"))[0]
+
+
+def test_retention_and_latest_ignore_symlinks(make_pool, tmp_path):
+    """Was: a link root/pretrained -> /archive/step-1 was ranked, and retention deleted
+    the archive's manifest through it."""
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False))
+    archive = tmp_path / "archive"
+    pool.save({"w": torch.ones(2)}, archive / "step-1").result(timeout=60)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "pretrained").symlink_to(archive / "step-1")
+    kept = make_pool(config=PoolConfig(num_workers=1, fsync=False, keep_last=1))
+    for step in (2, 3):
+        kept.save({"w": torch.full((2,), float(step))}, root / f"step-{step}").result(timeout=60)
+    zckpt.verify(archive / "step-1")
+    assert zckpt.latest(root) == str(root / "step-3")
+    assert sorted(os.listdir(root)) == ["pretrained", "step-3"]

@@ -162,7 +162,10 @@ def _entries(root: str) -> list[str]:
         names = os.listdir(root)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [os.path.join(root, n) for n in names if not is_temp_dir(n)]
+    # A symlink is never a checkpoint of this root (a "pretrained -> /archive/step-1"
+    # link would otherwise be ranked here and decommitted by retention, in its real home).
+    return [os.path.join(root, n) for n in names
+            if not is_temp_dir(n) and not os.path.islink(os.path.join(root, n))]
 
 
 def _verified_key(path: str) -> Optional[_Key]:
@@ -229,7 +232,7 @@ def committed(root: PathLike) -> list[str]:
     every recorded one, so an old checkpoint never outranks a new one; among themselves
     such manifests go by their ``created_unix``, else their file's mtime, then name.
     A directory whose manifest is missing, unreadable or fails verification is not
-    committed: it is left out (logged at debug level).
+    committed: it is left out (logged at debug level), and so is a symbolic link.
     """
     keyed = []
     for path in _entries(os.fspath(root)):

@@ -206,12 +206,14 @@ class _StatePool(CheckpointPool):
         with gc_paused():
             collector = Collector()
             collector.walk(state_dict)
-            tree = dump_skeleton(state_dict, collector)
-        slots, sizes = layout_state(collector.storages)
+            # cloudpickle, as the original's spawn start method re-imports __main__:
+            # classes defined in the training script reach the worker by value.
+            tree = dump_skeleton(state_dict, collector, by_value=True)
+        slots, sizes, refs = layout_state(collector.storages)
         pin = any(st.device.type == "cuda" for st, _ in collector.storages)
         bufset = self._arena.acquire(sizes, self.config.save_timeout_s, pin=pin)
         try:
-            storages = stage_state(collector.storages, slots, bufset)
+            storages = stage_state(collector.storages, slots, refs, bufset)
             tensors = tensor_specs(collector)
         except BaseException:
             self._arena.release(bufset)

@@ -21,7 +21,7 @@ from .errors import CorruptCheckpointError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY", "checksum_hex",
            "write_manifest", "read_manifest", "with_commit_record", "commit_record", "peek_commit_record",
-           "encode_skeleton", "decode_skeleton"]
+           "encode_skeleton", "decode_skeleton", "validate_body"]
 
 FORMAT_NAME = "zckpt"
 # 2: the structure is a pickle with persistent ids (zckpt.tree), tensor records carry
@@ -85,7 +85,61 @@ def read_manifest(directory: str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path}: format version {body.get('version')!r} is not supported "
                                      f"(this zckpt reads versions {READABLE_VERSIONS}: "
                                      "upgrade zckpt to read newer checkpoints)")
+    validate_body(body, path)
     return body
+
+
+def validate_body(body: dict[str, Any], where: str) -> None:
+    """Check the manifest's layout: every field the readers use, its type and its range.
+
+    The manifest's checksum proves it is the one that was written, not that whoever
+    wrote it was honest: a re-sealed manifest must not make a reader index out of
+    range, read outside the checkpoint directory, or view memory a storage lacks.
+
+    Raises:
+        CorruptCheckpointError: naming the first field that is wrong.
+    """
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{where}: malformed manifest: {what}")
+
+    def nat(v: Any) -> bool:
+        return type(v) is int and v >= 0
+
+    files, storages, tensors = body.get("files"), body.get("storages"), body.get("tensors")
+    if not (isinstance(files, list) and isinstance(storages, list) and isinstance(tensors, list)):
+        raise bad("files, storages and tensors must be lists")
+    for i, f in enumerate(files):
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not nat(f.get("nbytes")):
+            raise bad(f"files[{i}] needs a name and a size")
+        name = f["name"]
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise bad(f"files[{i}] name {name!r} is not a plain file name")
+        chunks = f.get("chunks")
+        if not isinstance(chunks, list) or not chunks or any(
+                not (isinstance(c, list) and len(c) == 2 and nat(c[0]) and nat(c[1]) and c[0] + c[1] <= f["nbytes"])
+                for c in chunks):
+            raise bad(f"files[{i}] chunks must be [offset, nbytes] pairs inside the file")
+        sums = f.get("checksums")
+        if sums is not None and not (isinstance(sums, list) and all(isinstance(x, str) for x in sums)):
+            raise bad(f"files[{i}] checksums must be strings")
+    for i, st in enumerate(storages):
+        if not isinstance(st, dict) or not nat(st.get("nbytes")) or not isinstance(st.get("parts"), list) \
+                or not isinstance(st.get("device", "cpu"), str):
+            raise bad(f"storages[{i}] needs nbytes, a device string and parts")
+        for j, part in enumerate(st["parts"]):
+            if not isinstance(part, dict) or not all(nat(part.get(k)) for k in ("file", "offset", "start", "nbytes")):
+                raise bad(f"storages[{i}].parts[{j}] needs file, offset, start, nbytes")
+            if part["file"] >= len(files) or part["offset"] + part["nbytes"] > files[part["file"]]["nbytes"] \
+                    or part["start"] + part["nbytes"] > st["nbytes"] or not isinstance(part.get("entry"), str):
+                raise bad(f"storages[{i}].parts[{j}] lies outside its file or storage")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dict) or not nat(t.get("storage")) or t["storage"] >= len(storages) \
+                or not isinstance(t.get("dtype"), str) or not nat(t.get("offset")):
+            raise bad(f"tensors[{i}] needs a storage in range, a dtype and an offset")
+        shape, stride = t.get("shape"), t.get("stride")
+        if not (isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride)
+                and all(nat(x) for x in shape) and all(nat(x) for x in stride)):
+            raise bad(f"tensors[{i}] shape and stride must be lists of equal length of non-negative ints")
 
 
 def with_commit_record(body: dict[str, Any], sequence: int, unix_time_ns: int) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_worker
               strategy: str = "balanced", split_large: bool = True) -> SavePlan:
     """Assign storages (or byte ranges of them) to at most ``num_workers`` shard files."""
     nonempty = [s for s in storages if s.nbytes > 0]
-    used: set[str] = set()
+    used: set[str] = {"__metadata__"}  # safetensors' own key: a tensor named so would replace it
     total = sum(s.nbytes for s in nonempty)
     fair = max(1, math.ceil(total / num_workers))
     max_piece = max(fair, _SPLIT_ALIGN) if split_large and num_workers > 1 else max(total, 1)

@@ -28,6 +28,7 @@ Who talks to whom::
 from __future__ import annotations
 
 import contextlib
+import collections
 import enum
 import functools
 import logging
@@ -170,6 +171,13 @@ class CheckpointPool:
         self._state = PoolState.STARTING
         self._cause: Optional[BaseException] = None
         self._saves: dict[int, _Save] = {}
+        # Commits happen one at a time, in the order save() was called: a later save whose
+        # shards finish first waits, so the commit record's sequence follows the saves
+        # (else latest() named the older one and keep_last deleted the newer). Values are
+        # None while a save is still writing, then its commit job and slot.
+        self._commit_queue: collections.OrderedDict[int, Optional[tuple[P.CommitJob, int, _Save]]] = \
+            collections.OrderedDict()
+        self._committing: Optional[int] = None
         self._next_save = 0
         self._counts = {"started": 0, "committed": 0, "failed": 0}
         self._swept: set[str] = set()
@@ -453,6 +461,7 @@ class CheckpointPool:
             save.id = self._next_save
             self._next_save += 1
             self._saves[save.id] = save
+            self._commit_queue[save.id] = None
             self._counts["started"] += 1
 
     def _staged(self, save: _Save, t0: float) -> None:
@@ -656,9 +665,33 @@ class CheckpointPool:
         save.manifest["created_unix"] = time.time()
         job = P.CommitJob(save.id, save.tmp_dirs, save.finals, save.manifest, self.config.fsync,
                           self.config.keep_last)
+        with self._lock:
+            if save.id in self._commit_queue:
+                self._commit_queue[save.id] = (job, slot, save)
+        self._pump_commits()
+
+    def _pump_commits(self) -> None:
+        """Send the oldest save's commit once it is written and no other commit runs."""
+        with self._lock:
+            if self._committing is not None or not self._commit_queue:
+                return
+            sid, ready = next(iter(self._commit_queue.items()))
+            if ready is None:
+                return  # the oldest save is still being written: later ones wait for it
+            del self._commit_queue[sid]
+            self._committing = sid
+        job, slot, save = ready
         self._supervisor.submit(ShardJob(slot, job, functools.partial(self._committed, save),
                                          deadline=time.monotonic() + self.config.save_timeout_s,
                                          describe=f"the commit of {save.finals[0]}"))
+
+    def _leave_commit_order(self, save: _Save) -> None:
+        """A save is done (committed or failed): let the next one commit."""
+        with self._lock:
+            self._commit_queue.pop(save.id, None)
+            if self._committing == save.id:
+                self._committing = None
+        self._pump_commits()
 
     def _committed(self, save: _Save, result: Optional[P.JobResult], exc: Optional[BaseException]) -> None:
         """Runs on the supervisor thread when the commit job answers."""
@@ -669,6 +702,7 @@ class CheckpointPool:
         with self._lock:
             self._saves.pop(save.id, None)
             self._counts["committed"] += 1
+        self._leave_commit_order(save)
         save.future.timings["durable_s"] = time.perf_counter() - save.t0
         logger.info("committed %s in %.3fs", save.finals[0], save.future.timings["durable_s"])
         save.future.set_result(save.finals[0])
@@ -701,6 +735,7 @@ class CheckpointPool:
                 C.discard(tmp)
         with self._lock:
             self._saves.pop(save.id, None)
+        self._leave_commit_order(save)
         if not save.future.done():
             save.future.set_exception(exc or save.error or ZckptError("save failed"))
 
@@ -723,6 +758,7 @@ class CheckpointPool:
             if save.pending:
                 save.pending.clear()
                 self._arena.release(save.bufset)
+            if not save.future.done():  # still writing, or written and waiting its turn to commit
                 self._submit_cleanup(self._abandon, save,
                                      PoolClosedError("the pool shut down before the save finished"))
         self._stager.shutdown(wait=True)  # a copy in progress ends at memory speed

@@ -26,7 +26,7 @@ import xxhash
 from .errors import CorruptCheckpointError
 from .format import dtype_from_name, dtype_name
 from .manifest import checksum_hex, decode_skeleton, read_manifest
-from .tree import comparable_path, decode_path, display_path, iter_tensors, load_skeleton, rebuild_tensor
+from .tree import display_path, encode_path, iter_tensors, load_skeleton, path_key, rebuild_tensor
 
 __all__ = ["load", "verify"]
 
@@ -196,6 +196,7 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
     directory = os.fspath(path)
     body = read_manifest(directory)
     paths = _check_files(directory, body)
+    _check_views(body, directory)
     checks = verify and body.get("checksum") != "none"
     records = body["tensors"]
     if into is not None:
@@ -240,6 +241,8 @@ def _rebuild(directory: str, body: dict[str, Any], make: Callable[[int], torch.T
         if body["version"] == 1:
             return _decode_v1_tree(body["tree"], tensor, weights_only)
         return load_skeleton(decode_skeleton(body["tree"], directory), tensor, storage, weights_only=weights_only)
+    except (EOFError, IndexError, struct.error) as exc:  # a truncated or mangled pickle (re-sealed manifest)
+        raise CorruptCheckpointError(f"{directory}: the checkpoint's structure does not unpickle: {exc!r}") from exc
     except pickle.UnpicklingError as exc:
         if not weights_only:
             raise
@@ -329,17 +332,29 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
                          "loading into them would not write the tensors they view")
     v1 = body["version"] == 1
     # Key paths compare as the manifest records them: typed (version 1 joined them with ".").
+    # Paths match by their canonical JSON encoding: typed, and nan keys equal to themselves.
     targets: dict[Any, torch.Tensor] = {}
+    shown: dict[Any, str] = {}
     for p, t in walked:
-        targets.setdefault(".".join(str(k) for k in p) if v1 else comparable_path(p), t)
+        key = ".".join(str(k) for k in p) if v1 else path_key(encode_path(p))
+        targets.setdefault(key, t)
+        shown.setdefault(key, display_path(p))
     recs = body["tensors"]
-    rec_paths: list[Any] = [rec.get("key") if v1 else
-                            (decode_path(rec["path"]) if rec.get("path") is not None else None) for rec in recs]
+    rec_paths: list[Any] = []
+    for rec in recs:
+        if v1:
+            rec_paths.append(rec.get("key"))
+        elif rec.get("path") is None:
+            rec_paths.append(None)
+        else:
+            rec_paths.append(path_key(rec["path"]))
+            shown.setdefault(rec_paths[-1], _rec_name(rec))
     stored = {p for p in rec_paths if p is not None}
     missing = [p for p in stored if p not in targets]
     unexpected = [p for p in targets if p not in stored]
     if strict and (missing or unexpected):
-        show = (lambda ps: sorted(map(str, ps))) if v1 else (lambda ps: sorted(display_path(p) for p in ps))
+        def show(ps: list[Any]) -> list[str]:
+            return sorted(str(p) if v1 else shown[p] for p in ps)
         raise KeyError(f"load(into=...) of {directory}: keys missing from `into`: {show(missing)}; "
                        f"keys not in the checkpoint: {show(unexpected)}")
     users: dict[int, list[int]] = {}
@@ -358,8 +373,13 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
         here = users.get(sid, [])
         only = targets[rec_paths[here[0]]] if len(here) == 1 else None
         rec = recs[here[0]] if here else {}
+        # Only when the saved view is the plain layout of the whole storage and the target
+        # is exactly its own whole storage: a transposed or channels-last record would
+        # otherwise land scrambled, and a target inside a larger storage would shift
+        # every other view of that storage.
         if (only is not None and only.device.type == "cpu" and only.is_contiguous() and rec["offset"] == 0
-                and not rec.get("conj") and not rec.get("neg")
+                and not rec.get("conj") and not rec.get("neg") and _is_contiguous(rec["shape"], rec["stride"])
+                and only.storage_offset() == 0 and only.untyped_storage().nbytes() == st["nbytes"]
                 and only.numel() * only.element_size() == st["nbytes"]):
             buffers.append(only.detach().reshape(-1).view(torch.uint8) if st["nbytes"] else None)
             direct.add(sid)
@@ -379,6 +399,16 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
         return targets[p] if p is not None and p in targets else _tensor_from(recs[i], storages)
 
     return _rebuild(directory, body, make, storages, weights_only)
+
+
+def _is_contiguous(shape: list[int], stride: list[int]) -> bool:
+    """Whether a record's stride is the row-major one for its shape (size-1 dims excepted)."""
+    expected = 1
+    for n, st in zip(reversed(shape), reversed(stride)):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _verify_header(fd: int, path: str, frec: dict[str, Any]) -> None:
@@ -406,30 +436,65 @@ def verify(path: PathLike) -> dict[str, Any]:
     paths = _check_files(directory, body)
     owner = _chunk_owner(body)
     total = 0
+    _check_views(body, directory)
+    checks = body.get("checksum") != "none"
     for fi, (fpath, frec) in enumerate(zip(paths, body["files"])):
+        sums = frec.get("checksums") or []
+        if checks and len(sums) != len(frec["chunks"]):
+            raise CorruptCheckpointError(f"{fpath}: manifest lists {len(sums)} checksums for "
+                                         f"{len(frec['chunks'])} chunks")
         with open(fpath, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(f"{fpath}: too short for a safetensors header")
-            (hlen,) = struct.unpack("<Q", head)
-            try:
-                header = json.loads(f.read(hlen))
-            except ValueError:
-                raise CorruptCheckpointError(f"{fpath}: safetensors header is not valid JSON") from None
-            _check_header(fpath, header, fi, body, 8 + hlen)
-            sums = frec.get("checksums") or []
-            if body.get("checksum") != "none":
-                if len(sums) != len(frec["chunks"]):
-                    raise CorruptCheckpointError(f"{fpath}: manifest lists {len(sums)} checksums for "
-                                                 f"{len(frec['chunks'])} chunks")
-                for (off, n), want in zip(frec["chunks"], sums):
+            # The header chunk's checksum first: a damaged length prefix or header is
+            # reported as such, never parsed (a 2**62-byte length, a JSON list).
+            hoff, hlen_total = frec["chunks"][0]
+            if checks and _stream_digest(f, hoff, hlen_total) != sums[0]:
+                raise CorruptCheckpointError(f"{fpath}: checksum mismatch in bytes [{hoff}, {hoff + hlen_total}) — "
+                                             "the safetensors header")
+            header = _parse_header(f, fpath, frec["nbytes"])
+            _check_header(fpath, header, fi, body, 8 + struct.unpack("<Q", _pread(f, 0, 8))[0])
+            if checks:
+                total += hlen_total
+                for (off, n), want in zip(frec["chunks"][1:], sums[1:]):
                     if _stream_digest(f, off, n) != want:
-                        what = "the safetensors header" if off == 0 else owner.get((fi, off), "unknown entry")
                         raise CorruptCheckpointError(
-                            f"{fpath}: checksum mismatch in bytes [{off}, {off + n}) — {what}")
+                            f"{fpath}: checksum mismatch in bytes [{off}, {off + n}) — "
+                            f"{owner.get((fi, off), 'unknown entry')}")
                     total += n
     return {"files": len(paths), "tensors": len(body["tensors"]), "storages": len(body["storages"]),
             "bytes_checked": total}
+
+
+def _pread(f: Any, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)
+
+
+def _parse_header(f: Any, fpath: str, file_nbytes: int) -> dict[str, Any]:
+    head = _pread(f, 0, 8)
+    if len(head) < 8:
+        raise CorruptCheckpointError(f"{fpath}: too short for a safetensors header")
+    (hlen,) = struct.unpack("<Q", head)
+    if 8 + hlen > file_nbytes:
+        raise CorruptCheckpointError(f"{fpath}: safetensors header length {hlen} runs past the file's end")
+    try:
+        header = json.loads(f.read(hlen))
+    except ValueError:
+        raise CorruptCheckpointError(f"{fpath}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{fpath}: safetensors header is not a JSON object")
+    return header
+
+
+def _check_views(body: dict[str, Any], where: str) -> None:
+    """Every tensor record views bytes its storage has (a re-sealed manifest could ask for more)."""
+    for i, rec in enumerate(body["tensors"]):
+        itemsize = dtype_from_name(rec["dtype"]).itemsize
+        if any(n == 0 for n in rec["shape"]):
+            continue
+        last = rec["offset"] + sum((n - 1) * st for n, st in zip(rec["shape"], rec["stride"]))
+        if (last + 1) * itemsize > body["storages"][rec["storage"]]["nbytes"]:
+            raise CorruptCheckpointError(f"{where}: tensor record {i} ({_rec_name(rec)}) views bytes beyond "
+                                         f"its storage's {body['storages'][rec['storage']]['nbytes']}")
 
 
 def _stream_digest(f: Any, offset: int, nbytes: int, block: int = 16 << 20) -> Optional[str]:
@@ -454,7 +519,9 @@ def _check_header(fpath: str, header: dict[str, Any], fi: int, body: dict[str, A
             entry = header.get(part["entry"])
             if not isinstance(entry, dict):
                 raise CorruptCheckpointError(f"{fpath}: safetensors header lacks entry {part['entry']!r}")
-            start, end = entry.get("data_offsets", [None, None])
-            if start is None or data_start + start != part["offset"] or end - start != part["nbytes"]:
+            offsets = entry.get("data_offsets")
+            ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+            start, end = offsets if ok else (None, None)
+            if start is None or end is None or data_start + start != part["offset"] or end - start != part["nbytes"]:
                 raise CorruptCheckpointError(f"{fpath}: entry {part['entry']!r} is at {entry.get('data_offsets')} "
                                              f"in the header but the manifest places it at offset {part['offset']}")

@@ -75,39 +75,51 @@ def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
     return tasks
 
 
-def layout_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]]) -> tuple[list[int], list[int]]:
+def layout_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]]
+                 ) -> tuple[list[int], list[int], list[Optional[SegmentRef]]]:
     """Which storages go through the arena, and the size of each one's segment.
 
-    Returns ``(slot per storage, segment sizes)``: slot ``-1`` for an empty storage or
-    one the caller already put in shared memory (handed over without a copy, as the
-    original does), else the index of the segment that holds exactly that storage.
-    One segment per storage: the worker maps each as a storage of exactly its own
-    size, so ``torch.save`` there writes only that storage's bytes, never a neighbour's.
+    Returns ``(slot per storage, segment sizes, shared refs)``: slot ``-1`` for an empty
+    storage or one the caller already put in shared memory (handed over without a copy,
+    as the original does; its ref says where the worker maps it), else the index of the
+    segment that holds exactly that storage. One segment per storage: the worker maps
+    each as a storage of exactly its own size, so ``torch.save`` there writes only that
+    storage's bytes, never a neighbour's.
     """
     slots: list[int] = []
     sizes: list[int] = []
+    refs: list[Optional[SegmentRef]] = []
     for st, _ in storages:
         n = st.nbytes()
-        if n == 0 or (st.device.type == "cpu" and st.is_shared()):
+        ref = _shared_ref(st) if n and st.device.type == "cpu" and st.is_shared() else None
+        refs.append(ref)
+        if n == 0 or ref is not None:
             slots.append(-1)
         else:
             slots.append(len(sizes))
             sizes.append(n)
-    return slots, sizes
+    return slots, sizes, refs
 
 
-def _shared_ref(st: torch.UntypedStorage) -> SegmentRef:
-    """Where a worker maps a storage the user already put in shared memory."""
-    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
-        fd, size = st._share_fd_cpu_()  # returns the existing fd of an already-shared storage
-        return SegmentRef(f"user-{fd}", f"/proc/{os.getpid()}/fd/{fd}", size)
-    _, name, size = st._share_filename_cpu_()
+def _shared_ref(st: torch.UntypedStorage) -> Optional[SegmentRef]:
+    """Where a worker maps a storage the user already put in shared memory; None when it
+    cannot be handed over (a ``torch.from_file`` storage is shared but has no fd): then
+    it is copied like any other."""
+    try:
+        if torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
+            fd, size = st._share_fd_cpu_()  # returns the existing fd of an already-shared storage
+            if fd < 0:
+                return None
+            return SegmentRef(f"user-{fd}", f"/proc/{os.getpid()}/fd/{fd}", size)
+        _, name, size = st._share_filename_cpu_()
+    except RuntimeError:
+        return None
     name = name.decode() if isinstance(name, bytes) else name
     return SegmentRef(f"user-{name}", "/dev/shm/" + name.lstrip("/"), size)
 
 
 def stage_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]], slots: list[int],
-                bufset: Optional[BufferSet]) -> list[StorageSpec]:
+                refs: list[Optional[SegmentRef]], bufset: Optional[BufferSet]) -> list[StorageSpec]:
     """Copy the storages that need it into their segments; describe every storage for the worker."""
     device_stager = None
     if any(st.device.type != "cpu" for st, _ in storages):
@@ -115,12 +127,12 @@ def stage_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor
         device_stager = DeviceStager()
     specs = []
     with torch.no_grad():
-        for (st, _), slot in zip(storages, slots):
+        for (st, _), slot, ref in zip(storages, slots, refs):
             n = st.nbytes()
             if n == 0:
                 specs.append(StorageSpec(None, 0, False))
-            elif slot < 0:
-                specs.append(StorageSpec(_shared_ref(st), n, False))
+            elif ref is not None:
+                specs.append(StorageSpec(ref, n, False))
             else:
                 assert bufset is not None
                 seg = bufset.segments[slot]

@@ -27,13 +27,14 @@ import collections
 import contextlib
 import gc
 import io
+import json
 import pickle
 import re
 from typing import Any, Callable, Hashable, Iterator, Optional
 
 import torch
 
-__all__ = ["KeyPath", "display_path", "encode_path", "decode_path", "iter_tensors", "Collector",
+__all__ = ["KeyPath", "display_path", "encode_path", "decode_path", "path_key", "iter_tensors", "Collector",
            "dump_skeleton", "load_skeleton", "check_storable", "rebuild_tensor", "gc_paused"]
 
 KeyPath = tuple[Hashable, ...]
@@ -103,14 +104,23 @@ def _decode_key(v: Any) -> Any:
     raise ValueError(f"bad key tag {tag!r} in a key path")
 
 
-class _OtherKey(tuple):
-    """A key of a type the manifest records only by type name and repr."""
+class _OtherKey:
+    """A key of a type the manifest records only by type name and repr (equal only to
+    another such key, never to a tuple or string that happens to look alike)."""
 
-    def __new__(cls, type_name: str, text: str) -> "_OtherKey":
-        return super().__new__(cls, (type_name, text))
+    __slots__ = ("type_name", "text")
+
+    def __init__(self, type_name: str, text: str) -> None:
+        self.type_name, self.text = type_name, text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _OtherKey) and (self.type_name, self.text) == (other.type_name, other.text)
+
+    def __hash__(self) -> int:
+        return hash((_OtherKey, self.type_name, self.text))
 
     def __repr__(self) -> str:
-        return self[1]
+        return self.text
 
 
 def encode_path(path: KeyPath) -> list[Any]:
@@ -122,9 +132,10 @@ def decode_path(data: list[Any]) -> KeyPath:
     return tuple(_decode_key(v) for v in data)
 
 
-def comparable_path(path: KeyPath) -> KeyPath:
-    """``path`` with keys of unrecorded types replaced as the manifest records them."""
-    return decode_path(encode_path(path))
+def path_key(encoded: list[Any]) -> str:
+    """A canonical string of an encoded key path: equal exactly when the paths are
+    (``nan`` keys included, which never equal themselves as floats)."""
+    return json.dumps(encoded, sort_keys=True, separators=(",", ":"))
 
 
 # --- walking ------------------------------------------------------------------------------
@@ -298,22 +309,47 @@ class _SkeletonPickler(pickle.Pickler):
         return None
 
 
-def dump_skeleton(obj: Any, collector: Collector) -> bytes:
+def dump_skeleton(obj: Any, collector: Collector, *, by_value: bool = False) -> bytes:
     """Pickle ``obj`` with every tensor and storage replaced by a persistent id.
 
     Tensors the collector has not seen (held inside other objects) are registered.
+    With ``by_value`` the pickle is cloudpickle's (classes and functions defined in
+    ``__main__`` travel by value): for a worker process, never for a checkpoint file,
+    which ``torch.load``'s rules must be able to read.
 
     Raises:
         TypeError: a value cannot be pickled, or a tensor cannot be stored.
     """
     buf = io.BytesIO()
+    pickler = _cloud_pickler_type()(buf, collector) if by_value else _SkeletonPickler(buf, collector)
     try:
-        _SkeletonPickler(buf, collector).dump(obj)
-    except (TypeError, pickle.PicklingError, AttributeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, TypeError) and str(exc).startswith("tensor "):
-            raise  # check_storable's own message
+        pickler.dump(obj)
+    except TypeError as exc:
+        if str(exc).startswith("tensor "):
+            raise  # check_storable's own message, naming the tensor
         raise TypeError(f"{_locate_unpicklable(obj)} cannot be saved: it is not picklable ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a user's __reduce__ may raise anything
+        raise TypeError(f"{_locate_unpicklable(obj)} cannot be saved: it is not picklable ({exc!r})") from exc
     return buf.getvalue()
+
+
+_CLOUD_PICKLER: Optional[type] = None
+
+
+def _cloud_pickler_type() -> type:
+    global _CLOUD_PICKLER
+    if _CLOUD_PICKLER is None:
+        import cloudpickle
+
+        class _CloudSkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+            def __init__(self, file: io.BytesIO, collector: Collector) -> None:
+                super().__init__(file)
+                self._collector = collector
+
+            persistent_id = _SkeletonPickler.persistent_id
+
+        _CLOUD_PICKLER = _CloudSkeletonPickler
+    return _CLOUD_PICKLER
 
 
 def _locate_unpicklable(obj: Any) -> str:
