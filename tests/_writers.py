@@ -21,6 +21,19 @@ def wait_for_file(path: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.005)
 
 
+def wait_for_started(gate_dir, timeout_s: float = 30.0) -> str:
+    """The marker a :class:`GateWriter` leaves once a write has begun (any worker)."""
+    import glob
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = glob.glob(os.path.join(str(gate_dir), "started-*"))
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no gated write started within {timeout_s}s")
+        time.sleep(0.005)  # polling cadence; the marker decides
+
+
 class GateWriter:
     """Announces each write (``started-<pid>``), then waits for ``<gate_dir>/open``."""
 

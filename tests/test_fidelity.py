@@ -524,7 +524,7 @@ class _Probe(bytearray):
 
 def test_the_callers_memory_is_released_once_staged(make_pool, tmp_path):
     """Tensors are not enough: the plan held the caller's storages (the memory) until commit."""
-    from _writers import GateWriter, wait_for_file
+    from _writers import GateWriter, wait_for_started
     gate = tmp_path / "gate"
     gate.mkdir()
     pool = make_pool(config=PoolConfig(num_workers=1, fsync=False), writer_factory=GateWriter,
@@ -539,7 +539,7 @@ def test_the_callers_memory_is_released_once_staged(make_pool, tmp_path):
         del buf
         fut = pool.save(sd, tmp_path / "c")
         del sd
-        wait_for_file(next_started(gate), 30)   # the save is being written, not committed
+        wait_for_started(gate)   # the save is being written, not committed
         assert ref() is None
     finally:
         (gate / "open").touch()
@@ -548,12 +548,6 @@ def test_the_callers_memory_is_released_once_staged(make_pool, tmp_path):
     fut.result(timeout=60)
 
 
-def next_started(gate):
-    import glob
-
-    from conftest import wait_until
-    wait_until(lambda: glob.glob(str(gate / "started-*")), 30, "a gated write to start")
-    return glob.glob(str(gate / "started-*"))[0]
 
 
 def test_compat_copies_shared_storages_that_cannot_be_handed_over(compat_process, tmp_path):

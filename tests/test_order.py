@@ -171,7 +171,7 @@ def test_overlapping_saves_commit_in_the_order_they_were_made(make_pool, tmp_pat
     deleted the newer checkpoint."""
     from concurrent.futures import wait
 
-    from _writers import GateWriter, wait_for_file
+    from _writers import GateWriter, wait_for_started
 
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -180,7 +180,7 @@ def test_overlapping_saves_commit_in_the_order_they_were_made(make_pool, tmp_pat
                                        heartbeat_interval_s=0.2),
                      writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
     first = pool.save({"a": torch.ones(1000), "b": torch.ones(1000), "step": 100}, root / "step-100")
-    wait_for_file(str(next_started(gate)), 30)
+    wait_for_started(gate)
     second = pool.save({"step": 200}, root / "step-200")       # nothing to write: ready at once
     done, _ = wait([second], timeout=1.0)
     assert not done, "a later save committed while an earlier one was still being written"
@@ -190,13 +190,6 @@ def test_overlapping_saves_commit_in_the_order_they_were_made(make_pool, tmp_pat
     assert sorted(os.listdir(root)) == ["step-200"]
 
 
-def next_started(gate):
-    """The marker a GateWriter leaves once a write has begun (any worker)."""
-    import glob
-
-    from conftest import wait_until
-    wait_until(lambda: glob.glob(str(gate / "started-*")), 30, "a gated write to start")
-    return glob.glob(str(gate / "started-*"))[0]
 
 
 def test_retention_and_latest_ignore_symlinks(make_pool, tmp_path):
