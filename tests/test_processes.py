@@ -178,16 +178,16 @@ def test_close_from_a_handler_inside_save_does_not_wait_for_that_save(make_pool,
     # The save is registered (close() would wait for it) but not yet handed to the
     # workers, and cannot be until the handler returns.
     pool = make_pool(config=PoolConfig(**FAST, num_workers=1, shutdown_timeout_s=20.0))
-    real_register = pool._register
+    real_dispatch = pool._dispatch
     seen: dict = {}
 
-    def register_then_close(save):
-        real_register(save)
+    def close_then_dispatch(save, tasks, writer_kwargs):
         t0 = time.monotonic()
         pool.close()
         seen["close_s"] = time.monotonic() - t0
+        real_dispatch(save, tasks, writer_kwargs)
 
-    pool._register = register_then_close
+    pool._dispatch = close_then_dispatch
     fut = pool.save({"a": torch.ones(8)}, tmp_path / "c")
     assert seen["close_s"] < 5.0
     with pytest.raises(zckpt.PoolClosedError, match="shut down"):

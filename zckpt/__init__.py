@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CheckpointPool": "pool", "SaveFuture": "pool", "PoolState": "pool", "PoolStats": "pool",
+    "CheckpointPool": "pool", "SaveFuture": "save", "SaveState": "save", "PoolState": "pool", "PoolStats": "pool",
     "PoolConfig": "config",
     "load": "reader", "verify": "reader",
     "latest": "commit",
@@ -31,7 +31,7 @@ _EXPORTS = {
 # Spelled out (not derived from _EXPORTS) so type checkers and linters can read it.
 __all__ = [
     "CheckpointPool", "CorruptCheckpointError", "LocalFileWriter", "PoolClosedError", "PoolConfig",
-    "PoolState", "PoolStats", "ReentrantSaveError", "SaveFuture", "ShardWriter", "WorkerDiedError",
+    "PoolState", "PoolStats", "ReentrantSaveError", "SaveFuture", "SaveState", "ShardWriter", "WorkerDiedError",
     "WorkerInitError", "ZckptError", "__version__", "latest", "load", "verify",
 ]
 
@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import PoolConfig
     from .errors import (CorruptCheckpointError, PoolClosedError, ReentrantSaveError, WorkerDiedError,
                          WorkerInitError, ZckptError)
-    from .pool import CheckpointPool, PoolState, PoolStats, SaveFuture
+    from .pool import CheckpointPool, PoolState, PoolStats
+    from .save import SaveFuture, SaveState
     from .reader import load, verify
     from .writers import LocalFileWriter, ShardWriter
 

@@ -52,6 +52,7 @@ from .errors import PoolClosedError, ReentrantSaveError, ZckptError
 from .manifest import FORMAT_NAME, FORMAT_VERSION, encode_skeleton
 from .plan import SavePlan, collect_storages, manifest_records, plan_save
 from .stager import stage_files
+from .save import FINAL, Save, SaveFuture, SaveState
 from .supervisor import ShardJob, Supervisor
 from .tree import Collector, dump_skeleton, gc_paused
 
@@ -70,21 +71,6 @@ class PoolState(enum.Enum):
     CLOSED = "closed"
 
 
-class SaveFuture(Future):
-    """The handle of one save. ``result()`` returns the committed path once durable.
-
-    Attributes:
-        staged: a ``Future`` done when the trainer may mutate its tensors again.
-        path: the final checkpoint directory.
-    """
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-        self.staged: Future = Future()
-        self.timings: dict[str, float] = {}
-
-
 @dataclass(frozen=True)
 class PoolStats:
     """Counters for benchmarks and tests."""
@@ -95,25 +81,6 @@ class PoolStats:
     saves_committed: int
     saves_failed: int
     worker_restarts: int
-
-
-class _Save:
-    """Book-keeping of one save in flight (touched by trainer, stager, supervisor and cleanup threads)."""
-
-    def __init__(self, sid: int, future: SaveFuture, tmp_dirs: list[str], finals: list[str],
-                 bufset: BufferSet, manifest: dict[str, Any], shards: int, plan: SavePlan, t0: float) -> None:
-        self.id = sid
-        self.future = future
-        self.tmp_dirs = tmp_dirs
-        self.finals = finals
-        self.bufset = bufset
-        self.manifest = manifest
-        self.pending = set(range(shards))
-        self.results: dict[int, P.JobResult] = {}
-        self.error: Optional[BaseException] = None
-        self.plan = plan
-        self.t0 = t0  # when save() was called
-        self.counted_failed = False
 
 
 class CheckpointPool:
@@ -170,12 +137,12 @@ class CheckpointPool:
         self._local = threading.local()
         self._state = PoolState.STARTING
         self._cause: Optional[BaseException] = None
-        self._saves: dict[int, _Save] = {}
+        self._saves: dict[int, Save] = {}   # every save not yet final, from birth
         # Commits happen one at a time, in the order save() was called: a later save whose
         # shards finish first waits, so the commit record's sequence follows the saves
         # (else latest() named the older one and keep_last deleted the newer). Values are
         # None while a save is still writing, then its commit job and slot.
-        self._commit_queue: collections.OrderedDict[int, Optional[tuple[P.CommitJob, int, _Save]]] = \
+        self._commit_queue: collections.OrderedDict[int, Optional[tuple[P.CommitJob, int, Save]]] = \
             collections.OrderedDict()
         self._committing: Optional[int] = None
         self._next_save = 0
@@ -281,7 +248,8 @@ class CheckpointPool:
             if os.path.lexists(f):
                 what = "a checkpoint" if os.path.isdir(f) else "a file"
                 raise FileExistsError(f"{what} already exists at {f!r}; zckpt never overwrites anything")
-        fut = SaveFuture(final)
+        save = self._register(finals, t0)
+        fut = save.future
         if self.config.async_staging:
             with self._lock:
                 self._async_pending.add(fut)
@@ -289,29 +257,39 @@ class CheckpointPool:
             try:
                 # In a box the stager empties: its work item must not keep the state dict
                 # alive after staging (the executor drops the item only after it returns).
-                self._stager.submit(self._stage_async, [state_dict], finals, metadata, writer_kwargs, fut, t0)
-            except RuntimeError:  # close() on another thread shut the stager down meanwhile
+                self._stager.submit(self._stage_async, [state_dict], save, metadata, writer_kwargs)
+            except RuntimeError as exc:  # close() on another thread shut the stager down meanwhile
                 with self._lock:
                     self._async_pending.discard(fut)
-                    raise self._closed_error() from None
+                    err = self._closed_error()
+                err.__cause__ = exc
+                self._submit_cleanup(save.transition, SaveState.FAILED, err)
+                raise err from None
             return fut
         self._local.staging = fut  # a close() from a handler interrupting us must not wait for it
-        save, tasks = self._stage(state_dict, finals, metadata, writer_kwargs, fut, t0)
-        self._staged(save, t0)
+        try:
+            tasks = self._stage(state_dict, save, metadata)
+        except BaseException as exc:
+            save.transition(SaveState.FAILED, exc)
+            raise
+        save.transition(SaveState.WRITING)  # staged: the caller may mutate its tensors
         self._dispatch(save, tasks, writer_kwargs)
         return fut
 
-    def _stage(self, state_dict: Mapping[str, Any], finals: list[str], metadata: Optional[Mapping[str, Any]],
-               writer_kwargs: dict[str, Any], fut: SaveFuture, t0: float) -> tuple[_Save, list[P.FileTask]]:
-        """Plan, take a buffer set, make the temp dirs, copy; return the registered save
-        and its workers' tasks. The caller resolves ``staged`` once this frame, which
-        holds the state dict, is gone."""
-        plan, manifest = self._plan(state_dict, metadata)
+    def _stage(self, state_dict: Mapping[str, Any], save: Save, metadata: Optional[Mapping[str, Any]]
+               ) -> list[P.FileTask]:
+        """Plan, take a buffer set, make the temp dirs, copy; return the workers' tasks.
+
+        The caller moves the save to WRITING (resolving ``staged``) once this frame,
+        which holds the state dict, is gone; or to FAILED if this raises.
+        """
+        fut, t0 = save.future, save.t0
+        plan, save.manifest = self._plan(state_dict, metadata)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
         t_acquired = time.perf_counter()
         try:
-            tmp_dirs = self._make_temp_dirs(finals)
+            save.tmp_dirs = self._make_temp_dirs(save.finals)
         except BaseException:
             self._arena.release(bufset)
             raise
@@ -320,8 +298,6 @@ class CheckpointPool:
             tasks = stage_files(plan, bufset)
         except BaseException as exc:
             self._arena.release(bufset)
-            for tmp in tmp_dirs:
-                C.discard(tmp)
             with self._lock:
                 if self._state is not PoolState.READY and isinstance(exc, Exception):
                     # Closed meanwhile (by another thread, or a signal handler on this
@@ -330,29 +306,23 @@ class CheckpointPool:
             raise
         finally:
             plan.release_sources()  # nothing of the caller's is referenced once staged
-        save = _Save(-1, fut, tmp_dirs, finals, bufset, manifest, len(plan.shards), plan, t0)
-        self._register(save)
-        return save, tasks
+        save.plan, save.bufset = plan, bufset
+        save.pending = set(range(len(plan.shards)))
+        return tasks
 
-    def _stage_async(self, box: list[Mapping[str, Any]], finals: list[str],
-                     metadata: Optional[Mapping[str, Any]], writer_kwargs: dict[str, Any], fut: SaveFuture,
-                     t0: float) -> None:
+    def _stage_async(self, box: list[Mapping[str, Any]], save: Save, metadata: Optional[Mapping[str, Any]],
+                     writer_kwargs: dict[str, Any]) -> None:
         """On the stager thread: all of :meth:`_stage`; errors go to both futures."""
         try:
-            save, tasks = self._stage(box.pop(), finals, metadata, writer_kwargs, fut, t0)
-            self._staged(save, t0)
-            self._dispatch(save, tasks, writer_kwargs)
+            tasks = self._stage(box.pop(), save, metadata)
         except BaseException as exc:  # noqa: BLE001 - the caller sees it through the futures
-            logger.error("staging %s failed: %s", finals[0], exc)
-            with self._lock:
-                self._counts["failed"] += 1
-            if not fut.staged.done():
-                fut.staged.set_exception(exc)
-            if not fut.done():
-                fut.set_exception(exc)
+            save.transition(SaveState.FAILED, exc)
+        else:
+            save.transition(SaveState.WRITING)
+            self._dispatch(save, tasks, writer_kwargs)
         finally:
             with self._lock:
-                self._async_pending.discard(fut)
+                self._async_pending.discard(save.future)
 
     def reserve(self, state_dict: Mapping[str, Any], timeout_s: float = 60.0) -> None:
         """Allocate and pre-fault staging memory for saves like ``state_dict`` now.
@@ -451,28 +421,29 @@ class CheckpointPool:
             raise
         return tmp_dirs
 
-    def _register(self, save: _Save) -> None:
+    def _register(self, finals: list[str], t0: float) -> Save:
+        """A new save, registered from birth (so close() and the commit order know it)."""
         with self._lock:
             if self._state is not PoolState.READY:
-                self._arena.release(save.bufset)
-                for tmp in save.tmp_dirs:
-                    C.discard(tmp)
                 raise self._closed_error()
-            save.id = self._next_save
+            save = Save(self._next_save, finals, t0, self._save_final)
             self._next_save += 1
             self._saves[save.id] = save
             self._commit_queue[save.id] = None
             self._counts["started"] += 1
+        return save
 
-    def _staged(self, save: _Save, t0: float) -> None:
-        now = time.perf_counter()
-        save.future.timings["staged_s"] = now - t0
-        save.future.timings.setdefault("blocked_s", now - t0)
-        save.future.staged.set_result(None)
+    def _save_final(self, save: Save) -> None:
+        """Runs inside a save's final transition, before its futures resolve."""
+        with self._lock:
+            self._saves.pop(save.id, None)
+            self._counts["committed" if save.state is SaveState.COMMITTED else "failed"] += 1
+        self._leave_commit_order(save)
 
-    def _dispatch(self, save: _Save, tasks: list[P.FileTask], writer_kwargs: dict[str, Any]) -> None:
+    def _dispatch(self, save: Save, tasks: list[P.FileTask], writer_kwargs: dict[str, Any]) -> None:
         if not tasks:  # nothing but Python values: commit straight away
             save.pending.clear()
+            assert save.bufset is not None
             self._arena.release(save.bufset)  # no shard will release it (was: the next save waited forever)
             self._request_commit(save, slot=0)
             return
@@ -624,32 +595,34 @@ class CheckpointPool:
                 self._cause = cause
         logger.error("checkpoint pool broken: %s", cause)
 
-    def _shard_done(self, save: _Save, index: int, result: Optional[P.JobResult],
+    def _shard_done(self, save: Save, index: int, result: Optional[P.JobResult],
                     exc: Optional[BaseException]) -> None:
-        """Runs on the supervisor thread: record one shard; finish the save on the last."""
+        """Runs on the supervisor thread: record one shard; the first error fails the save
+        at once (a dead worker's save should not wait for the others' shards); once none is
+        pending, release the buffer (workers read it until then) and commit if all is well."""
         if exc is not None and save.error is None:
             save.error = exc
-            self._count_failed(save)  # before the future: whoever it wakes sees the count
-            if not save.future.done():
-                save.future.set_exception(exc)
+            # The other workers may still write into the temp dir being removed: their
+            # writes then fail (ENOENT) or land in unlinked files, and are ignored.
+            self._submit_cleanup(save.transition, SaveState.FAILED, exc)
         if result is not None:
             save.results[index] = result
         save.pending.discard(index)
         if save.pending:
             return
+        assert save.bufset is not None
         self._arena.release(save.bufset)
         if save.error is None:
             self._request_commit(save, slot=index)
-        else:
-            self._submit_cleanup(self._abandon, save)
 
-    def _request_commit(self, save: _Save, slot: int) -> None:
+    def _request_commit(self, save: Save, slot: int) -> None:
         """Fill in the checksums and have a worker (the one that just finished) commit.
 
         Committing in a worker means a busy training loop, which keeps the GIL to
         itself, does not hold up the manifest's writes, fsyncs and renames.
         """
         try:
+            assert save.plan is not None
             save.manifest["storages"], save.manifest["tensors"] = manifest_records(save.plan)
             for i, rec in enumerate(save.manifest["files"]):
                 fr = save.results[i].files[0]
@@ -660,11 +633,13 @@ class CheckpointPool:
                 rec["write_s"] = round(fr.write_s, 6)
                 rec["hash_s"] = round(fr.hash_s, 6)
         except (ZckptError, KeyError, IndexError) as exc:
-            self._submit_cleanup(self._abandon, save, exc)
+            self._submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
         save.manifest["created_unix"] = time.time()
         job = P.CommitJob(save.id, save.tmp_dirs, save.finals, save.manifest, self.config.fsync,
                           self.config.keep_last)
+        if not save.transition(SaveState.COMMITTING):
+            return  # failed meanwhile (the pool shut down)
         with self._lock:
             if save.id in self._commit_queue:
                 self._commit_queue[save.id] = (job, slot, save)
@@ -685,7 +660,7 @@ class CheckpointPool:
                                          deadline=time.monotonic() + self.config.save_timeout_s,
                                          describe=f"the commit of {save.finals[0]}"))
 
-    def _leave_commit_order(self, save: _Save) -> None:
+    def _leave_commit_order(self, save: Save) -> None:
         """A save is done (committed or failed): let the next one commit."""
         with self._lock:
             self._commit_queue.pop(save.id, None)
@@ -693,19 +668,13 @@ class CheckpointPool:
                 self._committing = None
         self._pump_commits()
 
-    def _committed(self, save: _Save, result: Optional[P.JobResult], exc: Optional[BaseException]) -> None:
+    def _committed(self, save: Save, result: Optional[P.JobResult], exc: Optional[BaseException]) -> None:
         """Runs on the supervisor thread when the commit job answers."""
         if exc is not None:
-            logger.error("commit of %s failed: %s", save.finals[0], exc)
-            self._submit_cleanup(self._abandon, save, exc)
+            logger.error("commit of %s failed: %s", save.path, exc)
+            self._submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
-        with self._lock:
-            self._saves.pop(save.id, None)
-            self._counts["committed"] += 1
-        self._leave_commit_order(save)
-        save.future.timings["durable_s"] = time.perf_counter() - save.t0
-        logger.info("committed %s in %.3fs", save.finals[0], save.future.timings["durable_s"])
-        save.future.set_result(save.finals[0])
+        save.transition(SaveState.COMMITTED)
 
     def _submit_cleanup(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn`` on the cleanup thread, or here once that takes no more work.
@@ -718,26 +687,6 @@ class CheckpointPool:
             self._cleanup.submit(fn, *args)
         except RuntimeError:  # cannot schedule new futures after (interpreter) shutdown
             fn(*args)
-
-    def _count_failed(self, save: _Save) -> None:
-        """Count a failed save once (several shards and the cleanup may report it)."""
-        with self._lock:
-            if not save.counted_failed:
-                save.counted_failed = True
-                self._counts["failed"] += 1
-
-    def _abandon(self, save: _Save, exc: Optional[BaseException] = None) -> None:
-        # Counted before the temp dirs go and the future resolves: whoever sees either
-        # of those sees the count too.
-        self._count_failed(save)
-        for tmp in save.tmp_dirs:
-            if os.path.isdir(tmp):
-                C.discard(tmp)
-        with self._lock:
-            self._saves.pop(save.id, None)
-        self._leave_commit_order(save)
-        if not save.future.done():
-            save.future.set_exception(exc or save.error or ZckptError("save failed"))
 
     def _teardown(self, kill: bool, deadline: float) -> None:
         sup = self._supervisor
@@ -757,9 +706,12 @@ class CheckpointPool:
         for save in leftovers:
             if save.pending:
                 save.pending.clear()
-                self._arena.release(save.bufset)
-            if not save.future.done():  # still writing, or written and waiting its turn to commit
-                self._submit_cleanup(self._abandon, save,
+                if save.bufset is not None:
+                    self._arena.release(save.bufset)
+            if save.state not in FINAL and save.state is not SaveState.STAGING:
+                # Still writing, or written and waiting its turn to commit. (One still
+                # staging fails in its own thread: the arena closes under its copy.)
+                self._submit_cleanup(save.transition, SaveState.FAILED,
                                      PoolClosedError("the pool shut down before the save finished"))
         self._stager.shutdown(wait=True)  # a copy in progress ends at memory speed
         self._cleanup.shutdown(wait=True)
@@ -771,7 +723,7 @@ class CheckpointPool:
 
 
 def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor,
-              saves: dict[int, _Save], async_pending: set[SaveFuture], lock: Any, drain_s: float) -> None:
+              saves: dict[int, Save], async_pending: set[SaveFuture], lock: Any, drain_s: float) -> None:
     """Last resort when the interpreter exits (or a pool is garbage-collected) unclosed.
 
     Saves still in flight get up to ``drain_s`` (``shutdown_timeout_s``) to commit, as
