@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import zckpt  # noqa: E402
+
 from _peers import make_state_dict, state_dict_nbytes  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def measure(workers: int, sd: dict, nbytes: int, work: Path, rounds: int, progre
         t0 = time.perf_counter()
         back = zckpt.load(last)
         load_s = time.perf_counter() - t0
-        ok = all(torch.equal(a, b) for a, b in zip(_tensors(back), _tensors(sd)))
+        ok = all(torch.equal(a, b) for a, b in zip(_tensors(back), _tensors(sd), strict=False))
         shutil.rmtree(last)
         d = {c: median(times[c]["durable"]) for c in pools}
         out.update(
@@ -151,10 +152,10 @@ def render(rows: list[dict[str, Any]], base: dict[int, dict[str, float]]) -> tup
         lines.append([f"{r['size_mib']:.0f}", str(r["workers"]), f"{r['blocked_s']:.3f}", f"{r['durable_s']:.3f}",
                       f"{r['save_gbps']:.2f}", f"{eff:.2f}", f"{r['checksum_share'] * 100:.1f}%",
                       f"{r['load_gbps']:.2f}", f"{b['torch_load_gbps']:.2f}", "ok" if r["correct"] else "MISMATCH"])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head] + lines)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) for row in [head] + lines)
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(
-        "| " + " | ".join(l) + " |" for l in lines)
+        "| " + " | ".join(line) + " |" for line in lines)
     return text, md
 
 
@@ -163,7 +164,7 @@ def knees(rows: list[dict[str, Any]], gain: float) -> dict[int, int]:
     for size in sorted({int(r["size_mib"]) for r in rows}):
         series = sorted((r["workers"], r["save_gbps"]) for r in rows if int(r["size_mib"]) == size)
         knee = series[0][0]
-        for (_, prev), (n, cur) in zip(series, series[1:]):
+        for (_, prev), (n, cur) in zip(series, series[1:], strict=False):
             if cur > prev * (1 + gain):
                 knee = n
             else:

@@ -20,8 +20,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def build(width: int, depth: int) -> tuple[torch.nn.Module, torch.optim.Optimize
 def run(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     model, opt = build(args.width, args.depth)
     gen = torch.Generator().manual_seed(1)
-    pool: Optional[zckpt.CheckpointPool] = None
+    pool: zckpt.CheckpointPool | None = None
     save: Callable[[dict, str], Any]
     if mode == "zckpt":
         pool = zckpt.CheckpointPool(num_workers=args.workers)
@@ -88,7 +89,7 @@ def run(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "wall_s": wall, "state_mib": state_mib}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=6)

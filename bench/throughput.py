@@ -764,8 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds after the warm-up; medians are reported (default 3; 1 with --quick)")
     p.add_argument("--methods", type=str, default=None,
-                   help="comma list of methods or groups (%s; groups: %s)"
-                   % (", ".join(METHOD_NAMES), ", ".join(METHOD_GROUPS)))
+                   help="comma list of methods or groups ({}; groups: {})".format(
+                       ", ".join(METHOD_NAMES), ", ".join(METHOD_GROUPS)))
     p.add_argument("--dir", type=str, default=None,
                    help="where checkpoints go (a fresh sub-directory, removed at the end; default: /tmp)")
     p.add_argument("--json", type=str, default=None, metavar="PATH", help="also write results as JSON")

@@ -18,8 +18,16 @@ import pytest
 import torch
 
 from zckpt import compat
-from zckpt.compat import (CheckpointProcess, CheckpointProcessConfig, CheckpointWriter, CheckpointWriterConfig,
-                          RankInfo, RequestType, WorkerRequest, WorkerResponse)
+from zckpt.compat import (
+    CheckpointProcess,
+    CheckpointProcessConfig,
+    CheckpointWriter,
+    CheckpointWriterConfig,
+    RankInfo,
+    RequestType,
+    WorkerRequest,
+    WorkerResponse,
+)
 
 from _writers import wait_for_file
 from conftest import pid_alive, wait_until

@@ -25,8 +25,7 @@ import torch
 
 import zckpt
 from zckpt import PoolConfig
-from zckpt.compat import (CheckpointProcess, CheckpointProcessConfig, CheckpointWriter, CheckpointWriterConfig,
-                          RankInfo)
+from zckpt.compat import CheckpointProcess, CheckpointProcessConfig, CheckpointWriter, CheckpointWriterConfig, RankInfo
 from zckpt.manifest import MANIFEST_NAME, checksum_hex
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,7 +50,8 @@ def storage_groups(tensors):
 
 def same_tensor(a, b, where=""):
     assert type(a) is type(b), where
-    assert (a.dtype, a.shape, a.stride(), a.storage_offset()) == (b.dtype, b.shape, b.stride(), b.storage_offset()), where
+    assert (a.dtype, a.shape, a.stride(), a.storage_offset()) == \
+        (b.dtype, b.shape, b.stride(), b.storage_offset()), where
     assert a.requires_grad == b.requires_grad and a.is_conj() == b.is_conj(), where
     assert a.untyped_storage().nbytes() == b.untyped_storage().nbytes(), where
     assert bytes(a.untyped_storage()) == bytes(b.untyped_storage()), where

@@ -54,7 +54,7 @@ def assert_same(a, b, path="root"):
             assert_same(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, float) and a != a:
         assert b != b, path
@@ -234,7 +234,7 @@ def test_metadata_is_stored(make_pool, tmp_path):
     pool = make_pool(num_workers=1)
     pool.save({"a": torch.ones(1)}, tmp_path / "c", metadata={"step": 5}).result(timeout=60)
     from zckpt.manifest import read_manifest
-    assert read_manifest(str(tmp_path / "c"))["metadata"] == {"step": 5}
+    assert read_manifest(str(tmp_path / "c")).metadata == {"step": 5}
     with pytest.raises(TypeError, match="JSON"):
         pool.save({"a": torch.ones(1)}, tmp_path / "d", metadata={"x": object()})
 
@@ -308,7 +308,7 @@ def test_pickled_checkpoint_tree_uses_no_tensor_pickles(make_pool, tmp_path):
     raw = (tmp_path / "c" / "manifest.json").read_bytes()
     assert len(raw) < 4096  # tensor bytes live in the shards, not the manifest
     from zckpt.manifest import decode_skeleton, read_manifest
-    tree = decode_skeleton(read_manifest(str(tmp_path / "c"))["tree"], "c")
+    tree = decode_skeleton(read_manifest(str(tmp_path / "c")).tree, "c")
     assert len(tree) < 256 and bytes(torch.ones(4).untyped_storage()) not in tree
     # The tensor's bytes are in its shard, raw (safetensors data), and no file is a pickle.
     shard = next((tmp_path / "c").glob("*.safetensors")).read_bytes()
@@ -329,6 +329,7 @@ def test_direct_and_buffered_writes_round_trip(make_pool, tmp_path, direct_io):
 
 def test_direct_io_falls_back_where_refused(tmp_path, monkeypatch):
     import errno
+
     from zckpt.writers import LocalFileWriter
     real_open = os.open
     refused = []

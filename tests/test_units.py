@@ -13,8 +13,16 @@ from zckpt import PoolConfig
 from zckpt import protocol as P
 from zckpt.errors import ZckptError, describe_exit, pack_exception, unpack_exception
 from zckpt.plan import collect_storages, plan_save
-from zckpt.tree import (Collector, decode_path, display_path, dump_skeleton, encode_path, path_key,
-                        iter_tensors, load_skeleton)
+from zckpt.tree import (
+    Collector,
+    decode_path,
+    display_path,
+    dump_skeleton,
+    encode_path,
+    iter_tensors,
+    load_skeleton,
+    path_key,
+)
 
 
 # --- config --------------------------------------------------------------------------
@@ -72,13 +80,19 @@ def test_protocol_round_trip():
     assert P.parse_id(b"\xff\x00") is None and P.parse_id(b"x-1-2") is None
 
 
+_HDR = b"\x01" + P.VERSION.to_bytes(2, "big") + bytes(32)  # HELLO, this version, no proof
+
+
 @pytest.mark.parametrize("frames, match", [
     ([b"", b"\x01", b"x"], "2 frames"),
-    ([b"x", b"\x01" + pickle.dumps(P.Empty())], "delimiter"),
-    ([b"", b"\x63" + pickle.dumps(P.Empty())], "unknown message kind"),
-    ([b"", b"\x01"], "too short"),
-    ([b"", b"\x01not a pickle"], "does not unpickle"),
-    ([b"", b"\x01" + pickle.dumps(P.Empty())], "HELLO body is a Empty"),
+    ([b"x", _HDR + b"\x90"], "delimiter"),
+    ([b"", b"\x63" + _HDR[1:] + b"\x90"], "unknown message kind"),
+    ([b"", _HDR], "too short"),
+    ([b"", _HDR + b"\xc1not msgpack"], "does not decode"),
+    ([b"", _HDR + pickle.dumps(P.Empty())], "does not decode|not \\[type index"),
+    ([b"", _HDR + b"\x91\x00"], "expected 3 fields"),                 # [0]: a Hello without fields
+    ([b"", _HDR + b"\x94\x00\x01\xa1x\x03"], "slot: str is not int"),  # [0, 1, "x", 3]
+    ([b"", b"\x01\x00\x09" + bytes(32) + b"\x94\x00\x01\x02\x03"], "protocol version 9"),
 ])
 def test_protocol_rejects_bad_frames(frames, match):
     with pytest.raises(P.ProtocolError, match=match):
@@ -131,7 +145,8 @@ def test_key_paths_are_typed_and_displayed_unambiguously():
     nan = float("nan")
     assert path_key(encode_path((nan,))) == path_key(json_round(encode_path((nan,))))
     odd = decode_path(encode_path((frozenset({1, 2}),)))
-    assert odd != (("builtins.frozenset", "frozenset({1, 2})"),) and odd == decode_path(encode_path((frozenset({1, 2}),)))
+    assert odd != (("builtins.frozenset", "frozenset({1, 2})"),)
+    assert odd == decode_path(encode_path((frozenset({1, 2}),)))
 
 
 def json_round(x):

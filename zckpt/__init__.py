@@ -38,11 +38,17 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from .commit import latest
     from .config import PoolConfig
-    from .errors import (CorruptCheckpointError, PoolClosedError, ReentrantSaveError, WorkerDiedError,
-                         WorkerInitError, ZckptError)
+    from .errors import (
+        CorruptCheckpointError,
+        PoolClosedError,
+        ReentrantSaveError,
+        WorkerDiedError,
+        WorkerInitError,
+        ZckptError,
+    )
     from .pool import CheckpointPool, PoolState, PoolStats
-    from .save import SaveFuture, SaveState
     from .reader import load, verify
+    from .save import SaveFuture, SaveState
     from .writers import LocalFileWriter, ShardWriter
 
 

@@ -9,7 +9,6 @@ CUDA IPC handles are never passed to workers: they fail in containers.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ class DeviceStager:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dev = src.device
-        stream: Optional[torch.cuda.Stream] = self._streams.get(dev)
+        stream: torch.cuda.Stream | None = self._streams.get(dev)
         if stream is None:
             stream = self._streams[dev] = torch.cuda.Stream(device=dev)
         # The side stream must see the trainer's pending writes to src.

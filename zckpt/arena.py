@@ -138,7 +138,7 @@ class Arena:
     @staticmethod
     def _fits(bufset: BufferSet, sizes: list[int]) -> bool:
         return len(bufset.segments) >= len(sizes) and all(
-            seg.nbytes >= n for seg, n in zip(bufset.segments, sizes))
+            seg.nbytes >= n for seg, n in zip(bufset.segments, sizes, strict=False))
 
     def _grow(self, bufset: BufferSet, sizes: list[int], pin: bool) -> None:
         for i, need in enumerate(sizes):

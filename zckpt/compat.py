@@ -40,13 +40,15 @@ import logging
 import mmap
 import os
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -105,8 +107,8 @@ class WorkerRequest:
 class WorkerResponse:
     request_type: RequestType
     success: bool
-    error_msg: Optional[str] = None
-    payload: Optional[dict[str, Any]] = None
+    error_msg: str | None = None
+    payload: dict[str, Any] | None = None
 
 
 @dataclass
@@ -139,13 +141,13 @@ class CheckpointWriter:
     """
 
     def __init__(self, config: CheckpointWriterConfig, rank_info: RankInfo, barrier: Any = None,
-                 commit_hook: Optional[WriterHook] = None) -> None:
+                 commit_hook: WriterHook | None = None) -> None:
         self._config = config
         self._rank_info = rank_info
         self._barrier = barrier
         self._commit_hook = commit_hook
 
-    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Optional[Future]:
+    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future | None:
         full_path = Path(path) / f"checkpoint_{self._rank_info.global_rank}.pt"
         os.makedirs(full_path.parent, exist_ok=True)
         # By name, as the original does: torch.save names the zip's root after the file
@@ -230,8 +232,8 @@ class _StatePool(CheckpointPool):
         return fut
 
 
-def _write_done(arena: Any, bufset: Any, fut: Future, result: Optional[P.JobResult],
-                exc: Optional[BaseException]) -> None:
+def _write_done(arena: Any, bufset: Any, fut: Future, result: P.JobResult | None,
+                exc: BaseException | None) -> None:
     """Runs on the supervisor thread when the worker answers a write."""
     arena.release(bufset)
     if exc is not None:
@@ -243,14 +245,14 @@ def _write_done(arena: Any, bufset: Any, fut: Future, result: Optional[P.JobResu
 class _WorkerProcess:
     """What ``process.processes[i]`` is: the worker's pid, liveness, and kill."""
 
-    def __init__(self, pool: Optional[_StatePool], index: int) -> None:
+    def __init__(self, pool: _StatePool | None, index: int) -> None:
         self._pool, self._index = pool, index
 
     def _popen(self) -> Any:
         return self._pool._supervisor.slot_process(self._index) if self._pool is not None else None
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         p = self._popen()
         return p.pid if p is not None else None
 
@@ -259,7 +261,7 @@ class _WorkerProcess:
         return p is not None and p.poll() is None
 
     @property
-    def exitcode(self) -> Optional[int]:
+    def exitcode(self) -> int | None:
         p = self._popen()
         return p.poll() if p is not None else None
 
@@ -275,7 +277,7 @@ class _ProcessContext:
     def __init__(self, pool: _StatePool) -> None:
         self.processes = [_WorkerProcess(pool, 0)]
 
-    def join(self, timeout: Optional[float] = None) -> bool:
+    def join(self, timeout: float | None = None) -> bool:
         """Wait (at most ``timeout`` seconds) for the worker to exit; True if it did."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for proc in self.processes:
@@ -284,7 +286,7 @@ class _ProcessContext:
                 continue
             try:
                 popen.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except Exception:  # subprocess.TimeoutExpired
+            except subprocess.TimeoutExpired:
                 return False
         return True
 
@@ -311,10 +313,10 @@ class CheckpointProcess:
         self._rank_info = rank_info
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zckpt-compat")
-        self._pool: Optional[_StatePool] = None
+        self._pool: _StatePool | None = None
         self._closed = False
         self._lock = threading.Lock()
-        self.process: Optional[_ProcessContext] = None
+        self.process: _ProcessContext | None = None
         writer_args = dict(checkpoint_writer_init_args)
         writer_args.setdefault("rank_info", rank_info)
         self.process_creation_future: Future = self._executor.submit(
@@ -341,7 +343,7 @@ class CheckpointProcess:
             if self._closed:  # close() ran while we were starting
                 pool.kill()
 
-    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Optional[Future]:
+    def write(self, state_dict: Any, path: str, **kwargs: Any) -> Future | None:
         """Write ``state_dict`` (or a ``Future`` of one) to ``path`` in the worker.
 
         Waits for the worker to be up, then returns a ``Future`` that resolves when the
@@ -372,8 +374,8 @@ class CheckpointProcess:
         self._executor.shutdown(wait=False, cancel_futures=True)
         try:
             self.process_creation_future.result(timeout=limit)
-        except Exception:
-            pass  # a failed start leaves nothing running
+        except Exception:  # noqa: BLE001 - a failed or slow start leaves nothing running to stop
+            pass
         pool = self._pool
         if pool is None:
             return

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -65,7 +65,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dt
 
 
-def safetensors_code(dtype: torch.dtype) -> Optional[str]:
+def safetensors_code(dtype: torch.dtype) -> str | None:
     return _ST_CODES.get(dtype_name(dtype))
 
 

@@ -27,8 +27,8 @@ Who talks to whom::
 
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import enum
 import functools
 import logging
@@ -37,9 +37,11 @@ import threading
 import time
 import warnings
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Union
 
 import cloudpickle
 import torch
@@ -51,8 +53,8 @@ from .config import PoolConfig
 from .errors import PoolClosedError, ReentrantSaveError, ZckptError
 from .manifest import FORMAT_NAME, FORMAT_VERSION, encode_skeleton
 from .plan import SavePlan, collect_storages, manifest_records, plan_save
-from .stager import stage_files
 from .save import FINAL, Save, SaveFuture, SaveState
+from .stager import stage_files
 from .supervisor import ShardJob, Supervisor
 from .tree import Collector, dump_skeleton, gc_paused
 
@@ -110,10 +112,10 @@ class CheckpointPool:
     _MODE = "files"
     _ARENA_ROUND_BYTES = 1 << 21   # 2 MiB: huge-page friendly segments, one per shard
 
-    def __init__(self, num_workers: Optional[int] = None, config: Optional[PoolConfig] = None, *,
-                 init_fn: Optional[Callable[..., Any]] = None, init_args: tuple = (),
-                 writer_factory: Optional[Callable[..., Any]] = None,
-                 writer_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, num_workers: int | None = None, config: PoolConfig | None = None, *,
+                 init_fn: Callable[..., Any] | None = None, init_args: tuple = (),
+                 writer_factory: Callable[..., Any] | None = None,
+                 writer_kwargs: Mapping[str, Any] | None = None) -> None:
         # Checked by every call: a forked child gets a copy of this object but not its
         # threads, and its workers, sockets, arena and saves stay the parent's.
         self._owner_pid = os.getpid()
@@ -136,15 +138,15 @@ class CheckpointPool:
         # interrupted thread), and whether it is one of this pool's own threads.
         self._local = threading.local()
         self._state = PoolState.STARTING
-        self._cause: Optional[BaseException] = None
+        self._cause: BaseException | None = None
         self._saves: dict[int, Save] = {}   # every save not yet final, from birth
         # Commits happen one at a time, in the order save() was called: a later save whose
         # shards finish first waits, so the commit record's sequence follows the saves
         # (else latest() named the older one and keep_last deleted the newer). Values are
         # None while a save is still writing, then its commit job and slot.
-        self._commit_queue: collections.OrderedDict[int, Optional[tuple[P.CommitJob, int, Save]]] = \
+        self._commit_queue: collections.OrderedDict[int, tuple[P.CommitJob, int, Save] | None] = \
             collections.OrderedDict()
-        self._committing: Optional[int] = None
+        self._committing: int | None = None
         self._next_save = 0
         self._counts = {"started": 0, "committed": 0, "failed": 0}
         self._swept: set[str] = set()
@@ -197,7 +199,7 @@ class CheckpointPool:
                          c["failed"], self._supervisor.restarts)
 
     def save(self, state_dict: Mapping[str, Any], path: PathLike, *,
-             metadata: Optional[Mapping[str, Any]] = None, **writer_kwargs: Any) -> SaveFuture:
+             metadata: Mapping[str, Any] | None = None, **writer_kwargs: Any) -> SaveFuture:
         """Snapshot ``state_dict`` into shared memory and write it to ``path`` in the background.
 
         Blocks only while tensors are copied into the arena (and, if every staging
@@ -237,7 +239,7 @@ class CheckpointPool:
         with self._entered("save"):
             return self._save(state_dict, path, metadata, writer_kwargs, t0)
 
-    def _save(self, state_dict: Mapping[str, Any], path: PathLike, metadata: Optional[Mapping[str, Any]],
+    def _save(self, state_dict: Mapping[str, Any], path: PathLike, metadata: Mapping[str, Any] | None,
               writer_kwargs: dict[str, Any], t0: float) -> SaveFuture:
         self._check_open()
         if not isinstance(state_dict, Mapping):
@@ -276,7 +278,7 @@ class CheckpointPool:
         self._dispatch(save, tasks, writer_kwargs)
         return fut
 
-    def _stage(self, state_dict: Mapping[str, Any], save: Save, metadata: Optional[Mapping[str, Any]]
+    def _stage(self, state_dict: Mapping[str, Any], save: Save, metadata: Mapping[str, Any] | None
                ) -> list[P.FileTask]:
         """Plan, take a buffer set, make the temp dirs, copy; return the workers' tasks.
 
@@ -310,7 +312,7 @@ class CheckpointPool:
         save.pending = set(range(len(plan.shards)))
         return tasks
 
-    def _stage_async(self, box: list[Mapping[str, Any]], save: Save, metadata: Optional[Mapping[str, Any]],
+    def _stage_async(self, box: list[Mapping[str, Any]], save: Save, metadata: Mapping[str, Any] | None,
                      writer_kwargs: dict[str, Any]) -> None:
         """On the stager thread: all of :meth:`_stage`; errors go to both futures."""
         try:
@@ -375,7 +377,7 @@ class CheckpointPool:
         for f in done:
             f.result(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
 
-    def _plan(self, state_dict: Mapping[str, Any], metadata: Optional[Mapping[str, Any]]) -> tuple[SavePlan, dict]:
+    def _plan(self, state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None) -> tuple[SavePlan, dict]:
         """Find the tensors and storages, pickle the rest, plan the shards, start the manifest.
 
         The returned plan still references the caller's storages (to copy from); call
@@ -456,7 +458,7 @@ class CheckpointPool:
                 slot=i, message=msg, deadline=deadline, describe=f"{task.name} of {save.finals[0]}",
                 on_done=functools.partial(self._shard_done, save, i)))
 
-    def close(self, timeout_s: Optional[float] = None) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         """Graceful shutdown: refuse new saves, let in-flight saves finish, stop workers.
 
         Waits at most ``timeout_s`` (default ``config.shutdown_timeout_s``) for saves
@@ -486,7 +488,7 @@ class CheckpointPool:
         for fut in pending:
             try:
                 fut.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # TimeoutError or CancelledError: killed below
+            except (FutureTimeout, CancelledError):  # what is still running is killed below
                 pass
         self._teardown(kill=False, deadline=deadline)
 
@@ -512,7 +514,7 @@ class CheckpointPool:
         self._supervisor.kill_now()
         self._teardown(kill=True, deadline=time.monotonic() + 10.0)
 
-    def __enter__(self) -> "CheckpointPool":
+    def __enter__(self) -> CheckpointPool:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -595,8 +597,8 @@ class CheckpointPool:
                 self._cause = cause
         logger.error("checkpoint pool broken: %s", cause)
 
-    def _shard_done(self, save: Save, index: int, result: Optional[P.JobResult],
-                    exc: Optional[BaseException]) -> None:
+    def _shard_done(self, save: Save, index: int, result: P.JobResult | None,
+                    exc: BaseException | None) -> None:
         """Runs on the supervisor thread: record one shard; the first error fails the save
         at once (a dead worker's save should not wait for the others' shards); once none is
         pending, release the buffer (workers read it until then) and commit if all is well."""
@@ -668,7 +670,7 @@ class CheckpointPool:
                 self._committing = None
         self._pump_commits()
 
-    def _committed(self, save: Save, result: Optional[P.JobResult], exc: Optional[BaseException]) -> None:
+    def _committed(self, save: Save, result: P.JobResult | None, exc: BaseException | None) -> None:
         """Runs on the supervisor thread when the commit job answers."""
         if exc is not None:
             logger.error("commit of %s failed: %s", save.path, exc)
@@ -676,7 +678,7 @@ class CheckpointPool:
             return
         save.transition(SaveState.COMMITTED)
 
-    def _submit_cleanup(self, fn: Callable[..., None], *args: Any) -> None:
+    def _submit_cleanup(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn`` on the cleanup thread, or here once that takes no more work.
 
         It stops at teardown and at interpreter exit (before the finalizer drains the
@@ -744,7 +746,7 @@ def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: Thr
         for fut in pending:
             try:
                 fut.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # TimeoutError or CancelledError: killed below
+            except (FutureTimeout, CancelledError):  # what is still running is killed below
                 pass
     if supervisor.is_alive():
         supervisor.kill_now()
@@ -759,7 +761,7 @@ def _mark_internal(local: threading.local) -> None:
 
 
 # Pools of this process, for the fork handler below.
-_LIVE_POOLS: "weakref.WeakSet[CheckpointPool]" = weakref.WeakSet()
+_LIVE_POOLS: weakref.WeakSet[CheckpointPool] = weakref.WeakSet()
 
 
 def _reset_locks_in_child() -> None:
@@ -775,7 +777,7 @@ def _reset_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_reset_locks_in_child)
 
 
-def _settle(fut: Future, result: Any, exc: Optional[BaseException]) -> None:
+def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
     if exc is not None:
         fut.set_exception(exc)
     else:
@@ -786,7 +788,7 @@ def _needs_pinning(plan: SavePlan) -> bool:
     return any(s.device.startswith("cuda") for s in plan.storages)
 
 
-def _json_metadata(metadata: Optional[Mapping[str, Any]]) -> Any:
+def _json_metadata(metadata: Mapping[str, Any] | None) -> Any:
     if metadata is None:
         return None
     import json

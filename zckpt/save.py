@@ -26,8 +26,9 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from . import commit as C
 from .errors import ZckptError
@@ -94,19 +95,19 @@ class Save:
             futures resolve (the pool counts it and lets the next save commit).
     """
 
-    def __init__(self, save_id: int, finals: list[str], t0: float, on_final: Callable[["Save"], None]) -> None:
+    def __init__(self, save_id: int, finals: list[str], t0: float, on_final: Callable[[Save], None]) -> None:
         self.id = save_id
         self.finals = finals
         self.t0 = t0
         self.future = SaveFuture(finals[0], save_id)
         self.state = SaveState.STAGING
         self.tmp_dirs: list[str] = []
-        self.bufset: Optional[BufferSet] = None
-        self.plan: Optional[SavePlan] = None
+        self.bufset: BufferSet | None = None
+        self.plan: SavePlan | None = None
         self.manifest: dict[str, Any] = {}
         self.pending: set[int] = set()            # shard indices still being written
         self.results: dict[int, P.JobResult] = {}
-        self.error: Optional[BaseException] = None  # the first error seen
+        self.error: BaseException | None = None  # the first error seen
         self._on_final = on_final
         self._lock = threading.Lock()
 
@@ -114,7 +115,7 @@ class Save:
     def path(self) -> str:
         return self.finals[0]
 
-    def transition(self, to: SaveState, error: Optional[BaseException] = None) -> bool:
+    def transition(self, to: SaveState, error: BaseException | None = None) -> bool:
         """Move to ``to`` if allowed from the current state; False (and nothing done) if not.
 
         Entering WRITING resolves ``staged``; entering COMMITTED or FAILED counts the

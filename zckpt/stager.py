@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Optional
 
 import torch
 
@@ -35,10 +34,10 @@ _memmove_holding_gil = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctype
 
 def byte_view(st: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over the whole of storage ``st`` (no copy)."""
-    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (st.nbytes(),), (1,))  # type: ignore[call-overload]
+    return torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (st.nbytes(),), (1,))
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: Optional[object]) -> None:
+def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: object | None) -> None:
     if src.device.type == "cpu":
         dst.copy_(src)
     else:
@@ -75,8 +74,8 @@ def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
     return tasks
 
 
-def layout_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]]
-                 ) -> tuple[list[int], list[int], list[Optional[SegmentRef]]]:
+def layout_state(storages: list[tuple[torch.UntypedStorage, torch.Tensor | None]]
+                 ) -> tuple[list[int], list[int], list[SegmentRef | None]]:
     """Which storages go through the arena, and the size of each one's segment.
 
     Returns ``(slot per storage, segment sizes, shared refs)``: slot ``-1`` for an empty
@@ -88,7 +87,7 @@ def layout_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tenso
     """
     slots: list[int] = []
     sizes: list[int] = []
-    refs: list[Optional[SegmentRef]] = []
+    refs: list[SegmentRef | None] = []
     for st, _ in storages:
         n = st.nbytes()
         ref = _shared_ref(st) if n and st.device.type == "cpu" and st.is_shared() else None
@@ -101,7 +100,7 @@ def layout_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tenso
     return slots, sizes, refs
 
 
-def _shared_ref(st: torch.UntypedStorage) -> Optional[SegmentRef]:
+def _shared_ref(st: torch.UntypedStorage) -> SegmentRef | None:
     """Where a worker maps a storage the user already put in shared memory; None when it
     cannot be handed over (a ``torch.from_file`` storage is shared but has no fd): then
     it is copied like any other."""
@@ -118,8 +117,8 @@ def _shared_ref(st: torch.UntypedStorage) -> Optional[SegmentRef]:
     return SegmentRef(f"user-{name}", "/dev/shm/" + name.lstrip("/"), size)
 
 
-def stage_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]], slots: list[int],
-                refs: list[Optional[SegmentRef]], bufset: Optional[BufferSet]) -> list[StorageSpec]:
+def stage_state(storages: list[tuple[torch.UntypedStorage, torch.Tensor | None]], slots: list[int],
+                refs: list[SegmentRef | None], bufset: BufferSet | None) -> list[StorageSpec]:
     """Copy the storages that need it into their segments; describe every storage for the worker."""
     device_stager = None
     if any(st.device.type != "cpu" for st, _ in storages):
@@ -127,7 +126,7 @@ def stage_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor
         device_stager = DeviceStager()
     specs = []
     with torch.no_grad():
-        for (st, _), slot, ref in zip(storages, slots, refs):
+        for (st, _), slot, ref in zip(storages, slots, refs, strict=False):
             n = st.nbytes()
             if n == 0:
                 specs.append(StorageSpec(None, 0, False))
@@ -146,7 +145,7 @@ def stage_state(storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor
 def tensor_specs(collector: Collector) -> list[TensorSpec]:
     """How the worker rebuilds each tensor the skeleton refers to."""
     out = []
-    for (_, t), sid in zip(collector.tensors, collector.storage_of):
+    for (_, t), sid in zip(collector.tensors, collector.storage_of, strict=False):
         out.append(TensorSpec(sid, dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()), int(t.storage_offset()),
                               t.requires_grad, type(t) is torch.nn.Parameter, t.is_conj(), t.is_neg()))
     return out

@@ -30,7 +30,8 @@ import io
 import json
 import pickle
 import re
-from typing import Any, Callable, Hashable, Iterator, Optional
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ PICKLE_PROTOCOL = 2
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def display_path(path: Optional[KeyPath]) -> str:
+def display_path(path: KeyPath | None) -> str:
     """An unambiguous, readable rendering: ``model['0.weight']``, ``optim.state[0].exp_avg``.
 
     Identifier-like string keys are joined with dots; every other key (ints, strings
@@ -241,9 +242,9 @@ class Collector:
     """
 
     def __init__(self) -> None:
-        self.tensors: list[tuple[Optional[KeyPath], torch.Tensor]] = []
+        self.tensors: list[tuple[KeyPath | None, torch.Tensor]] = []
         self.storage_of: list[int] = []
-        self.storages: list[tuple[torch.UntypedStorage, Optional[torch.Tensor]]] = []
+        self.storages: list[tuple[torch.UntypedStorage, torch.Tensor | None]] = []
         self._sid_by_impl: dict[int, int] = {}
         self._index_by_id: dict[int, int] = {}
 
@@ -257,14 +258,14 @@ class Collector:
             check_storable(t, repr(display_path(path)))
             self._add(path, t)
 
-    def _add(self, path: Optional[KeyPath], t: torch.Tensor) -> int:
+    def _add(self, path: KeyPath | None, t: torch.Tensor) -> int:
         index = len(self.tensors)
         self.tensors.append((path, t))   # holds t: its id() cannot be reused meanwhile
         self.storage_of.append(self.storage_id(t.untyped_storage(), t))
         self._index_by_id.setdefault(id(t), index)
         return index
 
-    def storage_id(self, st: torch.UntypedStorage, user: Optional[torch.Tensor] = None) -> int:
+    def storage_id(self, st: torch.UntypedStorage, user: torch.Tensor | None = None) -> int:
         """The id of a storage, by its StorageImpl; registers it on first sight."""
         impl = st._cdata
         sid = self._sid_by_impl.get(impl)
@@ -333,7 +334,7 @@ def dump_skeleton(obj: Any, collector: Collector, *, by_value: bool = False) -> 
     return buf.getvalue()
 
 
-_CLOUD_PICKLER: Optional[type] = None
+_CLOUD_PICKLER: type | None = None
 
 
 def _cloud_pickler_type() -> type:
@@ -341,7 +342,7 @@ def _cloud_pickler_type() -> type:
     if _CLOUD_PICKLER is None:
         import cloudpickle
 
-        class _CloudSkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc,name-defined]
+        class _CloudSkeletonPickler(cloudpickle.Pickler):
             def __init__(self, file: io.BytesIO, collector: Collector) -> None:
                 super().__init__(file)
                 self._collector = collector
@@ -375,7 +376,7 @@ def _locate_unpicklable(obj: Any) -> str:
 
 
 def load_skeleton(data: bytes, tensor: Callable[[int], torch.Tensor],
-                  storage: Callable[[int, Optional[torch.dtype]], Any], *, weights_only: bool) -> Any:
+                  storage: Callable[[int, torch.dtype | None], Any], *, weights_only: bool) -> Any:
     """Unpickle a skeleton, resolving persistent ids through ``tensor`` and ``storage``.
 
     With ``weights_only`` the pickle is read by torch's own restricted unpickler
