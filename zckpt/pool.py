@@ -56,7 +56,7 @@ from .plan import SavePlan, collect_storages, manifest_records, plan_save
 from .save import FINAL, Save, SaveFuture, SaveState
 from .stager import stage_files
 from .supervisor import ShardJob, Supervisor
-from .tree import Collector, dump_skeleton, gc_paused
+from .tree import Collector, dump_skeleton, gc_paused, structure_key
 
 __all__ = ["CheckpointPool", "SaveFuture", "PoolState", "PoolStats"]
 
@@ -144,6 +144,8 @@ class CheckpointPool:
         # shards finish first waits, so the commit record's sequence follows the saves
         # (else latest() named the older one and keep_last deleted the newer). Values are
         # None while a save is still writing, then its commit job and slot.
+        # The last plan: (structure key, plan, encoded skeleton); see _plan.
+        self._plan_cache: tuple[tuple[Any, ...], SavePlan, dict[str, Any]] | None = None
         self._commit_queue: collections.OrderedDict[int, tuple[P.CommitJob, int, Save] | None] = \
             collections.OrderedDict()
         self._committing: int | None = None
@@ -286,7 +288,7 @@ class CheckpointPool:
         which holds the state dict, is gone; or to FAILED if this raises.
         """
         fut, t0 = save.future, save.t0
-        plan, save.manifest = self._plan(state_dict, metadata)
+        plan, save.manifest, sources = self._plan(state_dict, metadata)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
         t_acquired = time.perf_counter()
@@ -297,7 +299,7 @@ class CheckpointPool:
             raise
         fut.timings.update(plan_s=t_plan - t0, wait_buffer_s=t_acquired - t_plan)
         try:
-            tasks = stage_files(plan, bufset)
+            tasks = stage_files(plan, bufset, sources)
         except BaseException as exc:
             self._arena.release(bufset)
             with self._lock:
@@ -307,7 +309,7 @@ class CheckpointPool:
                     raise self._closed_error() from exc
             raise
         finally:
-            plan.release_sources()  # nothing of the caller's is referenced once staged
+            sources.clear()  # nothing of the caller's is referenced once staged
         save.plan, save.bufset = plan, bufset
         save.pending = set(range(len(plan.shards)))
         return tasks
@@ -348,8 +350,8 @@ class CheckpointPool:
 
     def _reserve(self, state_dict: Mapping[str, Any], timeout_s: float) -> None:
         self._check_open()
-        plan, _ = self._plan(state_dict, None)
-        plan.release_sources()
+        plan, _, sources = self._plan(state_dict, None)
+        sources.clear()
         sizes = [s.nbytes for s in plan.shards]
         pin = _needs_pinning(plan)
         held = []
@@ -377,29 +379,42 @@ class CheckpointPool:
         for f in done:
             f.result(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
 
-    def _plan(self, state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None) -> tuple[SavePlan, dict]:
+    def _plan(self, state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None
+              ) -> tuple[SavePlan, dict[str, Any], list[torch.UntypedStorage]]:
         """Find the tensors and storages, pickle the rest, plan the shards, start the manifest.
 
-        The returned plan still references the caller's storages (to copy from); call
-        ``plan.release_sources()`` once staged. Checksums are filled in at commit.
+        Returns the plan, the manifest (checksums come at commit) and the caller's
+        storages to copy from (drop them once staged). A state dict of the same structure
+        as the last one (:func:`zckpt.tree.structure_key`: keys, shapes, dtypes, strides,
+        sharing, simple values) reuses its plan and pickled skeleton.
         """
         with gc_paused():
-            collector = Collector()
-            collector.walk(state_dict)
-            skeleton = dump_skeleton(state_dict, collector)
-            storages, infos = collect_storages(collector)
-            collector.release()
-            plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
-                             self.config.split_large_tensors)
+            key = structure_key(state_dict)
+            cached = self._plan_cache
+            if key is not None and cached is not None and cached[0] == key.key:
+                plan, tree = cached[1], cached[2]
+                sources = key.storages
+            else:
+                collector = Collector()
+                collector.walk(state_dict)
+                skeleton = dump_skeleton(state_dict, collector)
+                storages, infos = collect_storages(collector)
+                sources = [st for st, _ in collector.storages]
+                collector.release()
+                plan = plan_save(storages, infos, self.config.num_workers, self.config.split,
+                                 self.config.split_large_tensors)
+                tree = encode_skeleton(skeleton)
+                self._plan_cache = (key.key, plan, tree) if key is not None else None
+            del key
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
-            "tree": encode_skeleton(skeleton),
+            "tree": dict(tree),
             # "storages" and "tensors" are filled in at commit, off the hot path
             "metadata": _json_metadata(metadata), "torch_version": str(torch.__version__),
             "files": [{"name": sh.name, "nbytes": sh.nbytes, "worker": sh.index,
                        "chunks": [list(c) for c in sh.chunks]} for sh in plan.shards],
         }
-        return plan, manifest
+        return plan, manifest, sources
 
     def _acquire(self, plan: SavePlan) -> BufferSet:
         return self._arena.acquire([s.nbytes for s in plan.shards], self.config.save_timeout_s,

@@ -44,14 +44,17 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: object | None) ->
         device_stager.copy(dst, src)  # type: ignore[union-attr]
 
 
-def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
-    """Copy every shard's file image into its segment; return the workers' tasks."""
+def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedStorage]) -> list[FileTask]:
+    """Copy every shard's file image into its segment; return the workers' tasks.
+
+    ``sources[sid]`` is the caller's storage ``sid`` of the plan (the plan itself holds
+    none, so one plan serves every save of the same structure).
+    """
     device_stager = None
     if plan.on_device:
         from ._cuda import DeviceStager
         device_stager = DeviceStager()
     tasks = []
-    sources = {s.sid: s.source for s in plan.storages}
     with torch.no_grad():
         for shard in plan.shards:
             seg = bufset.segments[shard.index]
@@ -60,7 +63,6 @@ def stage_files(plan: SavePlan, bufset: BufferSet) -> list[FileTask]:
             _memmove_holding_gil(base, shard.header, len(shard.header))
             for p in shard.pieces:
                 src = sources[p.sid]
-                assert src is not None, "staging a plan whose sources were released"
                 if p.nbytes < _SMALL and src.device.type == "cpu":
                     # ~1 us, against ~10 us for building byte views and a torch copy_:
                     # tens of ms over thousands of small tensors.
