@@ -7,12 +7,11 @@ import collections
 
 import pytest
 import torch
+from test_fidelity import same_tensor, torch_round_trip
 
 import zckpt
 import zckpt.pool as pool_module
 from zckpt import PoolConfig
-
-from test_fidelity import same_tensor, torch_round_trip
 
 pytestmark = pytest.mark.timeout(120)
 
