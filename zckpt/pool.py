@@ -64,6 +64,20 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# Timing margins, each with its reason. The supervisor enforces the configured deadlines
+# itself; these bound the waits of the threads that wait *for* the supervisor.
+#: Past init_timeout_s the supervisor kills a worker that did not start; this covers
+#: killing and reaping it (SIGKILL, then a bounded wait) before start-up reports.
+START_REAP_MARGIN_S = 10.0
+#: kill() and a failed start: SIGKILL is immediate; reaping and closing sockets take ms.
+KILL_TEARDOWN_S = 10.0
+#: After close()'s deadline: the supervisor kills what is left and reaps it (<= 5 s each).
+SUPERVISOR_JOIN_MARGIN_S = 10.0
+#: A supervisor thread that did not stop in time: kill workers from here and wait this long.
+SUPERVISOR_LAST_JOIN_S = 5.0
+#: reserve(): the workers' mapping jobs have their deadline; this covers the reply.
+RESERVE_REPLY_MARGIN_S = 5.0
+
 
 class PoolState(enum.Enum):
     STARTING = "starting"
@@ -167,10 +181,11 @@ class CheckpointPool:
         t0 = time.perf_counter()
         self._supervisor.start()
         # Bounded: the supervisor kills a worker at init_timeout_s; the margin covers reaping.
-        if not self._supervisor.started_ok.wait(cfg.init_timeout_s + 10.0) or self._supervisor.start_error:
+        if not self._supervisor.started_ok.wait(cfg.init_timeout_s + START_REAP_MARGIN_S) \
+                or self._supervisor.start_error:
             err = self._supervisor.start_error or TimeoutError(
                 f"timed out after {cfg.init_timeout_s:.1f}s waiting for checkpoint workers to start")
-            self._teardown(kill=True, deadline=time.monotonic() + 5.0)
+            self._teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S)
             raise err
         with self._lock:
             if self._state is PoolState.STARTING:
@@ -377,7 +392,7 @@ class CheckpointPool:
                 describe="mapping the arena", on_done=functools.partial(_settle, f)))
             done.append(f)
         for f in done:
-            f.result(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
+            f.result(timeout=max(0.0, deadline - time.monotonic()) + RESERVE_REPLY_MARGIN_S)
 
     def _plan(self, state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None
               ) -> tuple[SavePlan, dict[str, Any], list[torch.UntypedStorage]]:
@@ -477,7 +492,10 @@ class CheckpointPool:
         """Graceful shutdown: refuse new saves, let in-flight saves finish, stop workers.
 
         Waits at most ``timeout_s`` (default ``config.shutdown_timeout_s``) for saves
-        and workers; what is still running then is killed and its saves fail.
+        and workers; what is still running then is killed and its saves fail. The true
+        bound on the call is ``timeout_s + SUPERVISOR_JOIN_MARGIN_S`` (10 s: killing and
+        reaping what is left), plus ``SUPERVISOR_LAST_JOIN_S`` (5 s) only if the
+        supervisor thread itself is stuck.
         Idempotent; safe after :meth:`kill`. Called from a signal handler that
         interrupted a ``save()`` on this thread, it does not wait for that save (it
         cannot progress until the handler returns; it then fails with PoolClosedError).
@@ -527,7 +545,7 @@ class CheckpointPool:
             if self._cause is None:
                 self._cause = PoolClosedError("the checkpoint pool was killed")
         self._supervisor.kill_now()
-        self._teardown(kill=True, deadline=time.monotonic() + 10.0)
+        self._teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S)
 
     def __enter__(self) -> CheckpointPool:
         return self
@@ -712,11 +730,11 @@ class CheckpointPool:
         else:
             sup.shutdown(deadline)
         if sup.is_alive() or not sup.finished.is_set():
-            sup.join(timeout=max(0.0, deadline - time.monotonic()) + 10.0)
+            sup.join(timeout=max(0.0, deadline - time.monotonic()) + SUPERVISOR_JOIN_MARGIN_S)
         if sup.is_alive():
             logger.error("supervisor thread did not stop; killing workers directly")
             sup.kill_now()
-            sup.join(timeout=5.0)
+            sup.join(timeout=SUPERVISOR_LAST_JOIN_S)
         # Saves the workers never answered: fail them and clean their temp dirs.
         with self._lock:
             leftovers = list(self._saves.values())
@@ -765,7 +783,7 @@ def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: Thr
                 pass
     if supervisor.is_alive():
         supervisor.kill_now()
-        supervisor.join(timeout=5.0)
+        supervisor.join(timeout=SUPERVISOR_LAST_JOIN_S)
     cleanup.shutdown(wait=False)
     arena.close()
 
