@@ -13,7 +13,7 @@ import os
 import signal
 import tempfile
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -12,7 +13,15 @@ import torch
 import zckpt
 from zckpt import PoolConfig
 from zckpt.commit import apply_retention, committed
-from zckpt.manifest import MANIFEST_NAME, peek_commit_record, read_manifest, with_commit_record, write_manifest
+from zckpt.manifest import (
+    MANIFEST_NAME,
+    CommitRecord,
+    peek_commit_record,
+    read_manifest,
+    read_manifest_body,
+    with_commit_record,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +36,7 @@ def _names(paths):
 
 
 def _record(path):
-    return read_manifest(str(path))["commit"]
+    return read_manifest(str(path)).commit
 
 
 def _mtime(path):
@@ -38,7 +47,7 @@ def test_copy_without_times_keeps_the_order_and_retention(make_pool, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     pool = make_pool(config=PoolConfig(num_workers=1, fsync=False))
     _save(pool, src, 1, 2, 3)
-    assert [_record(src / f"step-{s}")["sequence"] for s in (1, 2, 3)] == [1, 2, 3]
+    assert [_record(src / f"step-{s}").sequence for s in (1, 2, 3)] == [1, 2, 3]
     dst.mkdir()
     for step in (3, 2, 1):  # a copy that does not keep times, newest first
         shutil.copytree(src / f"step-{step}", dst / f"step-{step}", copy_function=shutil.copyfile)
@@ -49,7 +58,7 @@ def test_copy_without_times_keeps_the_order_and_retention(make_pool, tmp_path):
 
     pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, keep_last=2))
     _save(pool, dst, 4)
-    assert _record(dst / "step-4")["sequence"] == 4
+    assert _record(dst / "step-4").sequence == 4
     assert zckpt.latest(dst) == str(dst / "step-4")
     assert sorted(os.listdir(dst)) == ["step-3", "step-4"]
     assert zckpt.load(zckpt.latest(dst))["s"].item() == 4
@@ -78,14 +87,14 @@ def test_each_mirror_root_has_its_own_sequence(make_pool, tmp_path):
     _save(pool, main, 1, 2)
     pool = make_pool(config=PoolConfig(num_workers=2, fsync=False, mirrors=(str(mirror),)))
     _save(pool, main, 3)
-    assert _record(main / "step-3")["sequence"] == 3
-    assert _record(mirror / "step-3")["sequence"] == 1
+    assert _record(main / "step-3").sequence == 3
+    assert _record(mirror / "step-3").sequence == 1
     for root in (main, mirror):
         assert zckpt.latest(root) == str(root / "step-3")
         zckpt.verify(root / "step-3")  # each root's manifest carries a checksum of its own body
     a, b = read_manifest(str(main / "step-3")), read_manifest(str(mirror / "step-3"))
-    a.pop("commit"), b.pop("commit")
-    assert a == b  # the same checkpoint; only the commit record differs
+    # the same checkpoint; only the commit record differs
+    assert a.commit != b.commit and dataclasses.replace(a, commit=None) == dataclasses.replace(b, commit=None)
 
 
 def test_unreadable_manifests_are_skipped_and_never_deleted(make_pool, tmp_path):
@@ -110,7 +119,7 @@ def test_unreadable_manifests_are_skipped_and_never_deleted(make_pool, tmp_path)
 
 def _strip_record(path, created_unix="keep"):
     """Rewrite a committed manifest the way a zckpt without commit records wrote it."""
-    body = read_manifest(str(path))
+    body = read_manifest_body(str(path))
     del body["commit"]
     if created_unix is None:
         del body["created_unix"]
@@ -136,7 +145,7 @@ def test_old_manifests_without_a_record_rank_below_recorded_ones(make_pool, tmp_
 
     pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, keep_last=2))
     _save(pool, root, 4)
-    assert _record(root / "step-4")["sequence"] == 3
+    assert _record(root / "step-4").sequence == 3
     assert sorted(os.listdir(root)) == ["step-2", "step-4"]
 
 
@@ -162,7 +171,7 @@ def test_commit_record_is_first_and_the_body_is_not_mutated(tmp_path):
     assert list(stamped)[:4] == ["commit", "format", "version", "x"] and stamped["x"] is body["x"]
     write_manifest(str(tmp_path), stamped, fsync=False)
     assert peek_commit_record(str(tmp_path)) == (5, 123)
-    assert read_manifest(str(tmp_path))["commit"] == {"sequence": 5, "unix_time_ns": 123}
+    assert read_manifest(str(tmp_path)).commit == CommitRecord(5, 123)
 
 
 def test_overlapping_saves_commit_in_the_order_they_were_made(make_pool, tmp_path):

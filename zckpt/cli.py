@@ -12,7 +12,6 @@ import argparse
 import os
 import runpy
 import sys
-from typing import Optional
 
 from .commit import latest
 from .errors import CorruptCheckpointError
@@ -28,27 +27,27 @@ def _human(n: float) -> str:
 
 
 def _inspect(path: str) -> int:
-    body = read_manifest(path)
-    files = body["files"]
-    total = sum(st["nbytes"] for st in body["storages"])
-    print(f"{path}: zckpt format v{body['version']}, {len(body['tensors'])} tensors in "
-          f"{len(body['storages'])} storages, {_human(total)} in {len(files)} files, "
-          f"checksum {body.get('checksum')}, torch {body.get('torch_version', '?')}")
-    if body.get("metadata") is not None:
-        print(f"metadata: {body['metadata']}")
+    m = read_manifest(path)
+    files = m.files
+    print(f"{path}: zckpt format v{m.version}, {len(m.tensors)} tensors in "
+          f"{len(m.storages)} storages, {_human(m.nbytes)} in {len(files)} files, "
+          f"checksum {m.checksum}, torch {m.torch_version or '?'}")
+    if m.metadata is not None:
+        print(f"metadata: {m.metadata}")
     print("\nfiles:")
     for f in files:
         timing = ""
-        if f.get("write_s"):
-            timing = f"  write {f['write_s']:.3f}s ({f['nbytes'] / f['write_s'] / 1e9:.2f} GB/s), hash {f['hash_s']:.3f}s"
-        print(f"  {f['name']:<40} {_human(f['nbytes']):>10}  worker {f['worker']}{timing}")
+        if f.write_s:
+            timing = f"  write {f.write_s:.3f}s ({f.nbytes / f.write_s / 1e9:.2f} GB/s)"
+            if f.hash_s is not None:
+                timing += f", hash {f.hash_s:.3f}s"
+        print(f"  {f.name:<40} {_human(f.nbytes):>10}  worker {f.worker}{timing}")
     print("\ntensors:")
-    for t in body["tensors"]:
-        st = body["storages"][t["storage"]]
-        where = ", ".join(f"{files[p['file']]['name']}@{p['offset']}" for p in st["parts"]) or "(empty)"
-        shape = "x".join(map(str, t["shape"])) or "scalar"
-        name = t.get("name") or t.get("key") or "?"
-        print(f"  {name:<40} {t['dtype']:<14} {shape:<16} storage {t['storage']:<4} {where}")
+    for t in m.tensors:
+        st = m.storages[t.storage]
+        where = ", ".join(f"{files[p.file].name}@{p.offset}" for p in st.parts) or "(empty)"
+        shape = "x".join(map(str, t.shape)) or "scalar"
+        print(f"  {t.name:<40} {t.dtype:<14} {shape:<16} storage {t.storage:<4} {where}")
     return 0
 
 
@@ -75,7 +74,7 @@ def _bench(args: list[str]) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zckpt`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:

@@ -25,12 +25,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from ._proc import pid_alive
 from .errors import CorruptCheckpointError
-from .manifest import (MANIFEST_NAME, commit_record, peek_commit_record, read_manifest, with_commit_record,
-                       write_manifest)
+from .manifest import MANIFEST_NAME, Manifest, peek_commit_record, read_manifest, with_commit_record, write_manifest
 
 __all__ = ["temp_dir_for", "is_temp_dir", "fsync_dir", "commit_dir", "latest", "committed",
            "next_sequence", "apply_retention", "sweep_temp_dirs", "discard"]
@@ -70,7 +69,8 @@ def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -
         FileExistsError: ``final`` appeared meanwhile; ``tmp`` is left for the caller.
     """
     final = os.path.normpath(final)
-    body = with_commit_record(manifest, next_sequence(os.path.dirname(os.path.abspath(final))), time.time_ns())
+    sequence, unix_time_ns = next_sequence(os.path.dirname(os.path.abspath(final))), time.time_ns()
+    body = with_commit_record(manifest, sequence, unix_time_ns)
     write_manifest(tmp, body, fsync=fsync)
     if fsync:
         fsync_dir(tmp)
@@ -87,7 +87,7 @@ def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -
     # This process just wrote that file: remember its key so retention does not re-read it.
     st = _stat_manifest(final)
     if st is not None:
-        _remember(_manifest_path(final), st, _key_of(os.path.basename(final), body, st))
+        _remember(_manifest_path(final), st, (1, sequence, unix_time_ns, os.path.basename(final)))
 
 
 def discard(path: str) -> None:
@@ -105,7 +105,7 @@ _Key = tuple[int, int, int, str]
 # once, not on every commit. A manifest that failed verification is remembered as None
 # (not committed) the same way. Bounded; least recently stored dropped first.
 _CACHE_MAX = 4096
-_cache: "OrderedDict[str, tuple[tuple[int, ...], Optional[_Key]]]" = OrderedDict()
+_cache: OrderedDict[str, tuple[tuple[int, ...], _Key | None]] = OrderedDict()
 _MISS = object()
 _cache_lock = threading.Lock()
 
@@ -118,7 +118,7 @@ def _manifest_path(path: str) -> str:
     return os.path.abspath(os.path.join(path, MANIFEST_NAME))
 
 
-def _stat_manifest(path: str) -> Optional[os.stat_result]:
+def _stat_manifest(path: str) -> os.stat_result | None:
     try:
         st = os.stat(os.path.join(path, MANIFEST_NAME))
     except OSError:
@@ -133,7 +133,7 @@ def _cached(mpath: str, st: os.stat_result) -> Any:
     return hit[1] if hit is not None and hit[0] == _sig(st) else _MISS
 
 
-def _remember(mpath: str, st: os.stat_result, key: Optional[_Key]) -> None:
+def _remember(mpath: str, st: os.stat_result, key: _Key | None) -> None:
     with _cache_lock:
         _cache[mpath] = (_sig(st), key)
         _cache.move_to_end(mpath)
@@ -146,13 +146,11 @@ def _forget(mpath: str) -> None:
         _cache.pop(mpath, None)
 
 
-def _key_of(name: str, body: dict[str, Any], st: os.stat_result) -> _Key:
-    rec = commit_record(body)
-    if rec is not None:
-        return (1, rec[0], rec[1], name)
-    created = body.get("created_unix")
-    if isinstance(created, (int, float)) and not isinstance(created, bool) and math.isfinite(created) \
-            and 0 <= created < 1e11:
+def _key_of(name: str, manifest: Manifest, st: os.stat_result) -> _Key:
+    if manifest.commit is not None:
+        return (1, manifest.commit.sequence, manifest.commit.unix_time_ns, name)
+    created = manifest.created_unix
+    if created is not None and math.isfinite(created) and 0 <= created < 1e11:
         return (0, 0, int(created * 1e9), name)
     return (0, 0, st.st_mtime_ns, name)
 
@@ -168,7 +166,7 @@ def _entries(root: str) -> list[str]:
             if not is_temp_dir(n) and not os.path.islink(os.path.join(root, n))]
 
 
-def _verified_key(path: str) -> Optional[_Key]:
+def _verified_key(path: str) -> _Key | None:
     """The order key of the committed checkpoint at ``path``, from its manifest read in
     full and verified (or from the cache while that file is unchanged); None if ``path``
     is not a committed checkpoint."""
@@ -180,19 +178,19 @@ def _verified_key(path: str) -> Optional[_Key]:
     if key is not _MISS:
         return key
     try:
-        body = read_manifest(path)
+        manifest = read_manifest(path)
     except (OSError, ValueError, CorruptCheckpointError) as exc:
         logger.debug("skipping %s: its manifest does not verify (%s)", path, exc)
         key = None
     else:
-        key = _key_of(os.path.basename(path), body, st)
+        key = _key_of(os.path.basename(path), manifest, st)
     # st predates the read: had the file changed in between, its next stat will not
     # match this signature, and it is read again.
     _remember(mpath, st, key)
     return key
 
 
-def _hint(path: str) -> Optional[_Key]:
+def _hint(path: str) -> _Key | None:
     """A cheap, unverified order key: cached, else from the manifest's first bytes; a
     manifest without a record there (old or damaged) is read and verified in full."""
     st = _stat_manifest(path)
@@ -243,7 +241,7 @@ def committed(root: PathLike) -> list[str]:
     return [p for _, p in keyed]
 
 
-def latest(root: PathLike) -> Optional[str]:
+def latest(root: PathLike) -> str | None:
     """The newest committed checkpoint directly under ``root``, or None.
 
     Ordered as :func:`committed` orders them. Temp directories (``*.tmp-*``) and
@@ -271,7 +269,7 @@ def latest(root: PathLike) -> Optional[str]:
     return None
 
 
-def apply_retention(root: str, keep_last: int, protect: Optional[str] = None) -> list[str]:
+def apply_retention(root: str, keep_last: int, protect: str | None = None) -> list[str]:
     """Delete all but the newest ``keep_last`` committed checkpoints under ``root``.
 
     Newest as :func:`committed` orders them. Only checkpoints whose manifests verify are

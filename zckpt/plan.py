@@ -18,14 +18,16 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any
 
 import torch
 
 from .format import build_header, dtype_name, safetensors_code, shard_name
+from .manifest import PartRecord, StorageRecord, TensorRecord, frozen_path
 from .tree import Collector, KeyPath, display_path, encode_path
 
-__all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save"]
+__all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save", "plan_records",
+           "manifest_records"]
 
 _SPLIT_ALIGN = 4096  # byte ranges of split storages start on page boundaries
 # Below this a storage is never split: the parallelism gained is smaller than the cost
@@ -41,13 +43,12 @@ class StorageInfo:
     name: str                    # display path of the first tensor that uses it
     entry_shape: list[int]       # the tensor's shape when it covers the storage exactly
     device: str                  # where the storage lives ("cpu", "cuda:0")
-    source: Optional[torch.UntypedStorage]  # the caller's storage; dropped once staged
-    pieces: list["Piece"] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
 
 
 @dataclass
 class TensorInfo:
-    path: Optional[KeyPath]      # typed key path; None for a tensor held inside an object
+    path: KeyPath | None      # typed key path; None for a tensor held inside an object
     sid: int
     dtype: torch.dtype
     shape: list[int]
@@ -107,16 +108,12 @@ class SavePlan:
         """Whether any storage is off the CPU (staging then goes through _cuda)."""
         return any(not s.device.startswith("cpu") for s in self.storages)
 
-    def release_sources(self) -> None:
-        """Drop the caller's storages (after staging: nothing of theirs is kept)."""
-        for s in self.storages:
-            s.source = None
 
 
 def collect_storages(collector: Collector) -> tuple[list[StorageInfo], list[TensorInfo]]:
     """Describe the collector's storages and tensors; storages in first-seen order."""
     infos: list[TensorInfo] = []
-    for (path, t), sid in zip(collector.tensors, collector.storage_of):
+    for (path, t), sid in zip(collector.tensors, collector.storage_of, strict=False):
         infos.append(TensorInfo(
             path=path, sid=sid, dtype=t.dtype, shape=list(t.shape), stride=list(t.stride()),
             # type() over isinstance(): Parameter's metaclass makes isinstance slow, and
@@ -137,7 +134,7 @@ def collect_storages(collector: Collector) -> tuple[list[StorageInfo], list[Tens
             dtype, covers = torch.uint8, False
         shape = list(user.shape) if covers and user is not None else [nbytes // dtype.itemsize]
         storages.append(StorageInfo(sid, nbytes, dtype, first_name.get(sid, f"storage{sid}"), shape,
-                                    str(st.device), st))
+                                    str(st.device)))
     return storages, infos
 
 
@@ -206,31 +203,32 @@ def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_worker
             offset += p.nbytes
         meta = {"format": "pt", "producer": "zckpt", "shard": f"{index}/{nshards}"}
         header = build_header(entries, meta)
-        for p, (_, _, _, start, _) in zip(members, entries):
+        for p, (_, _, _, start, _) in zip(members, entries, strict=False):
             p.shard = index
             p.file_offset = len(header) + start
         shards.append(ShardPlan(index, shard_name(index, nshards), members, header, len(header) + offset))
     return SavePlan(storages, tensors, shards)
 
 
-def manifest_records(plan: SavePlan) -> tuple[list[dict], list[dict]]:
-    """The manifest's "storages" and "tensors" lists for a plan (no tensor needed)."""
-    storages = [{
-        "nbytes": s.nbytes,
-        "device": s.device,
-        "parts": [{"file": p.shard, "offset": p.file_offset, "start": p.start, "nbytes": p.nbytes,
-                   "entry": p.name} for p in s.pieces],
-    } for s in plan.storages]
-    tensors = []
-    for t in plan.tensors:
-        rec = {
-            "path": encode_path(t.path) if t.path is not None else None, "name": t.name,
-            "storage": t.sid, "dtype": dtype_name(t.dtype), "shape": t.shape, "stride": t.stride,
-            "offset": t.storage_offset, "param": t.is_param, "requires_grad": t.requires_grad,
-        }
-        if t.conj:
-            rec["conj"] = True
-        if t.neg:
-            rec["neg"] = True
-        tensors.append(rec)
+def plan_records(plan: SavePlan) -> tuple[list[StorageRecord], list[TensorRecord]]:
+    """The manifest's storage and tensor records for a plan (no tensor needed), for
+    :func:`zckpt.manifest.build_manifest`."""
+    storages = [StorageRecord(
+        nbytes=s.nbytes, device=s.device,
+        parts=tuple(PartRecord(file=p.shard, offset=p.file_offset, start=p.start, nbytes=p.nbytes, entry=p.name)
+                    for p in s.pieces),
+    ) for s in plan.storages]
+    tensors = [TensorRecord(
+        path=frozen_path(encode_path(t.path)) if t.path is not None else None, name=t.name,
+        storage=t.sid, dtype=dtype_name(t.dtype), shape=tuple(t.shape), stride=tuple(t.stride),
+        offset=t.storage_offset, param=t.is_param, requires_grad=t.requires_grad, conj=t.conj, neg=t.neg,
+    ) for t in plan.tensors]
     return storages, tensors
+
+
+def manifest_records(plan: SavePlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest's "storages" and "tensors" lists as JSON dicts: :func:`plan_records`'
+    records' ``to_json()``. Transitional, for a caller that still assembles the body by
+    hand; :func:`zckpt.manifest.build_manifest` takes the records themselves."""
+    storages, tensors = plan_records(plan)
+    return [s.to_json() for s in storages], [t.to_json() for t in tensors]

@@ -17,21 +17,22 @@ import json
 import os
 import pickle
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Union
 
 import torch
 import xxhash
 
 from .errors import CorruptCheckpointError
 from .format import dtype_from_name, dtype_name
-from .manifest import checksum_hex, decode_skeleton, read_manifest
+from .manifest import FileRecord, Manifest, PartRecord, TensorRecord, checksum_hex, decode_skeleton, read_manifest
 from .tree import display_path, encode_path, iter_tensors, load_skeleton, path_key, rebuild_tensor
 
 __all__ = ["load", "verify"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-MapLocation = Union[None, str, torch.device, Mapping[str, Any], Callable[..., Any]]
+MapLocation = None | str | torch.device | Mapping[str, Any] | Callable[..., Any]
 
 
 def _writable_view(t: torch.Tensor) -> memoryview:
@@ -52,7 +53,7 @@ def _read_exact(fd: int, view: memoryview, offset: int, fname: str) -> None:
         done += got
 
 
-def _restore_plan(body: dict[str, Any], map_location: MapLocation, where: str) -> list[Optional[torch.device]]:
+def _restore_plan(m: Manifest, map_location: MapLocation, where: str) -> list[torch.device | None]:
     """The device each stored storage loads onto (None: ask the ``map_location`` callable).
 
     Checked before any data is read: a checkpoint saved from ``cuda:0`` loaded on a
@@ -64,9 +65,9 @@ def _restore_plan(body: dict[str, Any], map_location: MapLocation, where: str) -
             and not callable(map_location):
         raise TypeError(f"map_location must be None, a str, a torch.device, a dict or a callable, "
                         f"got {type(map_location).__name__}")
-    out: list[Optional[torch.device]] = []
-    for st in body["storages"]:
-        saved = st.get("device", "cpu")
+    out: list[torch.device | None] = []
+    for st in m.storages:
+        saved = st.device
         if map_location is None:
             target: Any = saved
         elif isinstance(map_location, Mapping):
@@ -101,7 +102,7 @@ def _check_available(dev: torch.device, saved: str, where: str) -> None:
                            f"but this machine has {count()} {dev.type} device(s): {hint}")
 
 
-def _place(buf: torch.Tensor, dev: Optional[torch.device], saved: str,
+def _place(buf: torch.Tensor, dev: torch.device | None, saved: str,
            map_location: MapLocation) -> torch.UntypedStorage:
     """Move a loaded CPU storage where it belongs."""
     st = buf.untyped_storage()
@@ -117,40 +118,35 @@ def _place(buf: torch.Tensor, dev: Optional[torch.device], saved: str,
     return st if dev.type == "cpu" else buf.to(dev).untyped_storage()
 
 
-def _rec_name(rec: dict[str, Any]) -> str:
-    """A tensor record's display name (version 1 records had a joined "key")."""
-    return rec.get("name") or rec.get("key") or "?"
-
-
-def _chunk_owner(body: dict[str, Any]) -> dict[tuple[int, int], str]:
+def _chunk_owner(m: Manifest) -> dict[tuple[int, int], str]:
     """(file index, offset) -> the tensors whose bytes sit there, for error messages."""
     users: dict[int, list[str]] = {}
-    for t in body["tensors"]:
-        users.setdefault(t["storage"], []).append(_rec_name(t))
+    for t in m.tensors:
+        users.setdefault(t.storage, []).append(t.name)
     owner = {}
-    for sid, st in enumerate(body["storages"]):
-        for part in st["parts"]:
-            owner[(part["file"], part["offset"])] = f"entry {part['entry']!r} (tensors {', '.join(users.get(sid, []))})"
+    for sid, st in enumerate(m.storages):
+        for part in st.parts:
+            owner[(part.file, part.offset)] = f"entry {part.entry!r} (tensors {', '.join(users.get(sid, []))})"
     return owner
 
 
-def _check_files(directory: str, body: dict[str, Any]) -> list[str]:
+def _check_files(directory: str, m: Manifest) -> list[str]:
     paths = []
-    for f in body["files"]:
-        path = os.path.join(directory, f["name"])
+    for f in m.files:
+        path = os.path.join(directory, f.name)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{path}: shard file is missing") from None
-        if size != f["nbytes"]:
-            raise CorruptCheckpointError(f"{path}: size {size} bytes, manifest says {f['nbytes']} "
-                                         f"({'truncated' if size < f['nbytes'] else 'extended'})")
+        if size != f.nbytes:
+            raise CorruptCheckpointError(f"{path}: size {size} bytes, manifest says {f.nbytes} "
+                                         f"({'truncated' if size < f.nbytes else 'extended'})")
         paths.append(path)
     return paths
 
 
 def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool = True, verify: bool = True,
-         into: Any = None, strict: bool = True, num_threads: Optional[int] = None) -> Any:
+         into: Any = None, strict: bool = True, num_threads: int | None = None) -> Any:
     """Load a committed checkpoint and return the object that was saved.
 
     Returns what ``torch.load`` would return for the same object saved with
@@ -194,43 +190,41 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
         raise TypeError("zckpt.load(path=None): no checkpoint to load (zckpt.latest() returns None "
                         "when a root holds no committed checkpoint yet)")
     directory = os.fspath(path)
-    body = read_manifest(directory)
-    paths = _check_files(directory, body)
-    _check_views(body, directory)
-    checks = verify and body.get("checksum") != "none"
-    records = body["tensors"]
+    m = read_manifest(directory)
+    paths = _check_files(directory, m)
+    _check_views(m, directory)
+    checks = verify and m.checks
+    records = m.tensors
     if into is not None:
-        return _load_into(directory, body, paths, into, checks, strict, num_threads, weights_only)
-    devices = _restore_plan(body, map_location, directory)
-    buffers: list[Optional[torch.Tensor]] = [torch.empty(st["nbytes"], dtype=torch.uint8)
-                                             for st in body["storages"]]
-    _read_storages(body, paths, buffers, checks, num_threads)
-    storages = [_place(buf, dev, st.get("device", "cpu"), map_location)
-                for st, buf, dev in zip(body["storages"], buffers, devices) if buf is not None]
+        return _load_into(directory, m, paths, into, checks, strict, num_threads, weights_only)
+    devices = _restore_plan(m, map_location, directory)
+    buffers: list[torch.Tensor | None] = [torch.empty(st.nbytes, dtype=torch.uint8) for st in m.storages]
+    _read_storages(m, paths, buffers, checks, num_threads)
+    storages = [_place(buf, dev, st.device, map_location)
+                for st, buf, dev in zip(m.storages, buffers, devices, strict=False) if buf is not None]
     del buffers
-    return _rebuild(directory, body, lambda i: _tensor_from(records[i], storages), storages, weights_only)
+    return _rebuild(directory, m, lambda i: _tensor_from(records[i], storages), storages, weights_only)
 
 
-def _tensor_from(rec: dict[str, Any], storages: list[torch.UntypedStorage]) -> torch.Tensor:
-    return rebuild_tensor(storages[rec["storage"]], dtype_from_name(rec["dtype"]), rec["offset"], rec["shape"],
-                          rec["stride"], requires_grad=bool(rec.get("requires_grad")),
-                          is_param=bool(rec.get("param")), conj=bool(rec.get("conj")), neg=bool(rec.get("neg")))
+def _tensor_from(rec: TensorRecord, storages: list[torch.UntypedStorage]) -> torch.Tensor:
+    return rebuild_tensor(storages[rec.storage], dtype_from_name(rec.dtype), rec.offset, rec.shape, rec.stride,
+                          requires_grad=rec.requires_grad, is_param=rec.param, conj=rec.conj, neg=rec.neg)
 
 
-def _rebuild(directory: str, body: dict[str, Any], make: Callable[[int], torch.Tensor],
+def _rebuild(directory: str, m: Manifest, make: Callable[[int], torch.Tensor],
              storages: list[torch.UntypedStorage], weights_only: bool) -> Any:
     """The saved object, with tensor ``i`` made by ``make(i)`` (once: identity is kept)."""
     built: dict[int, torch.Tensor] = {}
 
     def tensor(i: int) -> torch.Tensor:
-        if not 0 <= i < len(body["tensors"]):
+        if not 0 <= i < len(m.tensors):
             raise CorruptCheckpointError(f"{directory}: the structure names tensor {i}, which the manifest lacks")
         t = built.get(i)
         if t is None:
             t = built[i] = make(i)
         return t
 
-    def storage(sid: int, dtype: Optional[torch.dtype]) -> Any:
+    def storage(sid: int, dtype: torch.dtype | None) -> Any:
         if not 0 <= sid < len(storages):
             raise CorruptCheckpointError(f"{directory}: the structure names storage {sid}, which the manifest lacks")
         if dtype is None:
@@ -238,9 +232,9 @@ def _rebuild(directory: str, body: dict[str, Any], make: Callable[[int], torch.T
         return torch.storage.TypedStorage(wrap_storage=storages[sid], dtype=dtype, _internal=True)
 
     try:
-        if body["version"] == 1:
-            return _decode_v1_tree(body["tree"], tensor, weights_only)
-        return load_skeleton(decode_skeleton(body["tree"], directory), tensor, storage, weights_only=weights_only)
+        if m.version == 1:
+            return _decode_v1_tree(m.tree, tensor, weights_only)
+        return load_skeleton(decode_skeleton(m.tree, directory), tensor, storage, weights_only=weights_only)
     except (EOFError, IndexError, struct.error) as exc:  # a truncated or mangled pickle (re-sealed manifest)
         raise CorruptCheckpointError(f"{directory}: the checkpoint's structure does not unpickle: {exc!r}") from exc
     except pickle.UnpicklingError as exc:
@@ -279,24 +273,23 @@ def _decode_v1_tree(data: Any, tensor: Callable[[int], torch.Tensor], weights_on
     raise CorruptCheckpointError(f"unknown tree node tag {tag!r}")
 
 
-def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optional[torch.Tensor]],
-                   checks: bool, num_threads: Optional[int]) -> None:
+def _read_storages(m: Manifest, paths: list[str], buffers: list[torch.Tensor | None],
+                   checks: bool, num_threads: int | None) -> None:
     """Read every stored storage into ``buffers[sid]`` (CPU uint8), checking checksums."""
-    owner = _chunk_owner(body)
+    owner = _chunk_owner(m)
     sums: dict[tuple[int, int], str] = {}
-    for fi, f in enumerate(body["files"]):
-        for (off, _n), digest in zip(f["chunks"], f.get("checksums") or []):
+    for fi, f in enumerate(m.files):
+        for (off, _n), digest in zip(f.chunks, f.checksums or (), strict=False):
             sums[(fi, off)] = digest
-    jobs = [(sid, part) for sid, st in enumerate(body["storages"]) for part in st["parts"]
-            if buffers[sid] is not None]
+    jobs = [(sid, part) for sid, st in enumerate(m.storages) for part in st.parts if buffers[sid] is not None]
     fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
 
-    def read_part(job: tuple[int, dict[str, Any]]) -> None:
+    def read_part(job: tuple[int, PartRecord]) -> None:
         sid, part = job
-        fi, off, n = part["file"], part["offset"], part["nbytes"]
+        fi, off, n = part.file, part.offset, part.nbytes
         buf = buffers[sid]
         assert buf is not None
-        with _writable_view(buf) as whole, whole[part["start"]: part["start"] + n] as view:
+        with _writable_view(buf) as whole, whole[part.start: part.start + n] as view:
             _read_exact(fds[fi], view, off, paths[fi])
             if checks:
                 want = sums.get((fi, off))
@@ -307,7 +300,7 @@ def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optiona
 
     try:
         workers = num_threads or min(8, (os.cpu_count() or 1) + 2)
-        jobs.sort(key=lambda j: -j[1]["nbytes"])  # large parts first: threads end together
+        jobs.sort(key=lambda j: -j[1].nbytes)  # large parts first: threads end together
         if workers > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="zckpt-load") as ex:
                 for fut in [ex.submit(read_part, j) for j in jobs]:
@@ -316,21 +309,21 @@ def _read_storages(body: dict[str, Any], paths: list[str], buffers: list[Optiona
             for j in jobs:
                 read_part(j)
         if checks:
-            for fi, f in enumerate(body["files"]):
+            for fi, f in enumerate(m.files):
                 _verify_header(fds[fi], paths[fi], f)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any, checks: bool, strict: bool,
-               num_threads: Optional[int], weights_only: bool) -> Any:
+def _load_into(directory: str, m: Manifest, paths: list[str], into: Any, checks: bool, strict: bool,
+               num_threads: int | None, weights_only: bool) -> Any:
     walked = list(iter_tensors(into))
     lazy = [display_path(p) for p, t in walked if t.is_conj() or t.is_neg()]
     if lazy:
         raise ValueError(f"load(into=...): {lazy} are lazy conjugate/negative views; "
                          "loading into them would not write the tensors they view")
-    v1 = body["version"] == 1
+    v1 = m.version == 1
     # Key paths compare as the manifest records them: typed (version 1 joined them with ".").
     # Paths match by their canonical JSON encoding: typed, and nan keys equal to themselves.
     targets: dict[Any, torch.Tensor] = {}
@@ -339,16 +332,16 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
         key = ".".join(str(k) for k in p) if v1 else path_key(encode_path(p))
         targets.setdefault(key, t)
         shown.setdefault(key, display_path(p))
-    recs = body["tensors"]
+    recs = m.tensors
     rec_paths: list[Any] = []
     for rec in recs:
         if v1:
-            rec_paths.append(rec.get("key"))
-        elif rec.get("path") is None:
+            rec_paths.append(rec.name)
+        elif rec.path is None:
             rec_paths.append(None)
         else:
-            rec_paths.append(path_key(rec["path"]))
-            shown.setdefault(rec_paths[-1], _rec_name(rec))
+            rec_paths.append(path_key(list(rec.path)))
+            shown.setdefault(rec_paths[-1], rec.name)
     stored = {p for p in rec_paths if p is not None}
     missing = [p for p in stored if p not in targets]
     unexpected = [p for p in targets if p not in stored]
@@ -358,34 +351,34 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
         raise KeyError(f"load(into=...) of {directory}: keys missing from `into`: {show(missing)}; "
                        f"keys not in the checkpoint: {show(unexpected)}")
     users: dict[int, list[int]] = {}
-    for i, (rec, p) in enumerate(zip(recs, rec_paths)):
+    for i, (rec, p) in enumerate(zip(recs, rec_paths, strict=False)):
         if p is None or p not in targets:  # loaded as new tensors (strict=False)
             continue
         t = targets[p]
-        if list(t.shape) != rec["shape"] or dtype_name(t.dtype) != rec["dtype"]:
-            raise ValueError(f"load(into=...): {_rec_name(rec)!r} is {dtype_name(t.dtype)}{list(t.shape)} in `into` "
-                             f"but {rec['dtype']}{rec['shape']} in {directory}")
-        users.setdefault(rec["storage"], []).append(i)
+        if tuple(t.shape) != rec.shape or dtype_name(t.dtype) != rec.dtype:
+            raise ValueError(f"load(into=...): {rec.name!r} is {dtype_name(t.dtype)}{list(t.shape)} in `into` "
+                             f"but {rec.dtype}{list(rec.shape)} in {directory}")
+        users.setdefault(rec.storage, []).append(i)
     # Read straight into the target when it alone is the whole stored storage.
-    buffers: list[Optional[torch.Tensor]] = []
+    buffers: list[torch.Tensor | None] = []
     direct: set[int] = set()
-    for sid, st in enumerate(body["storages"]):
+    for sid, st in enumerate(m.storages):
         here = users.get(sid, [])
         only = targets[rec_paths[here[0]]] if len(here) == 1 else None
-        rec = recs[here[0]] if here else {}
+        saved = recs[here[0]] if len(here) == 1 else None
         # Only when the saved view is the plain layout of the whole storage and the target
         # is exactly its own whole storage: a transposed or channels-last record would
         # otherwise land scrambled, and a target inside a larger storage would shift
         # every other view of that storage.
-        if (only is not None and only.device.type == "cpu" and only.is_contiguous() and rec["offset"] == 0
-                and not rec.get("conj") and not rec.get("neg") and _is_contiguous(rec["shape"], rec["stride"])
-                and only.storage_offset() == 0 and only.untyped_storage().nbytes() == st["nbytes"]
-                and only.numel() * only.element_size() == st["nbytes"]):
-            buffers.append(only.detach().reshape(-1).view(torch.uint8) if st["nbytes"] else None)
+        if (only is not None and saved is not None and only.device.type == "cpu" and only.is_contiguous()
+                and saved.offset == 0 and not saved.conj and not saved.neg and _is_contiguous(saved.shape, saved.stride)
+                and only.storage_offset() == 0 and only.untyped_storage().nbytes() == st.nbytes
+                and only.numel() * only.element_size() == st.nbytes):
+            buffers.append(only.detach().reshape(-1).view(torch.uint8) if st.nbytes else None)
             direct.add(sid)
         else:
-            buffers.append(torch.empty(st["nbytes"], dtype=torch.uint8))
-    _read_storages(body, paths, buffers, checks, num_threads)
+            buffers.append(torch.empty(st.nbytes, dtype=torch.uint8))
+    _read_storages(m, paths, buffers, checks, num_threads)
     storages = [b.untyped_storage() if b is not None else torch.UntypedStorage(0) for b in buffers]
     with torch.no_grad():
         for sid, here in users.items():
@@ -398,25 +391,25 @@ def _load_into(directory: str, body: dict[str, Any], paths: list[str], into: Any
         p = rec_paths[i]
         return targets[p] if p is not None and p in targets else _tensor_from(recs[i], storages)
 
-    return _rebuild(directory, body, make, storages, weights_only)
+    return _rebuild(directory, m, make, storages, weights_only)
 
 
-def _is_contiguous(shape: list[int], stride: list[int]) -> bool:
+def _is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
     """Whether a record's stride is the row-major one for its shape (size-1 dims excepted)."""
     expected = 1
-    for n, st in zip(reversed(shape), reversed(stride)):
+    for n, st in zip(reversed(shape), reversed(stride), strict=False):
         if n != 1 and st != expected:
             return False
         expected *= n
     return True
 
 
-def _verify_header(fd: int, path: str, frec: dict[str, Any]) -> None:
-    off, n = frec["chunks"][0]
+def _verify_header(fd: int, path: str, frec: FileRecord) -> None:
+    off, n = frec.chunks[0]
     buf = bytearray(n)
     with memoryview(buf) as view:
         _read_exact(fd, view, off, path)
-    want = (frec.get("checksums") or [None])[0]
+    want = frec.checksums[0] if frec.checksums else None
     if want is not None and checksum_hex(buf) != want:
         raise CorruptCheckpointError(f"{path}: checksum mismatch in the safetensors header (bytes [0, {n}))")
 
@@ -432,36 +425,35 @@ def verify(path: PathLike) -> dict[str, Any]:
         CorruptCheckpointError: naming the file and the tensors affected.
     """
     directory = os.fspath(path)
-    body = read_manifest(directory)
-    paths = _check_files(directory, body)
-    owner = _chunk_owner(body)
+    m = read_manifest(directory)
+    paths = _check_files(directory, m)
+    owner = _chunk_owner(m)
     total = 0
-    _check_views(body, directory)
-    checks = body.get("checksum") != "none"
-    for fi, (fpath, frec) in enumerate(zip(paths, body["files"])):
-        sums = frec.get("checksums") or []
-        if checks and len(sums) != len(frec["chunks"]):
+    _check_views(m, directory)
+    checks = m.checks
+    for fi, (fpath, frec) in enumerate(zip(paths, m.files, strict=False)):
+        sums = frec.checksums or ()
+        if checks and len(sums) != len(frec.chunks):
             raise CorruptCheckpointError(f"{fpath}: manifest lists {len(sums)} checksums for "
-                                         f"{len(frec['chunks'])} chunks")
+                                         f"{len(frec.chunks)} chunks")
         with open(fpath, "rb") as f:
             # The header chunk's checksum first: a damaged length prefix or header is
             # reported as such, never parsed (a 2**62-byte length, a JSON list).
-            hoff, hlen_total = frec["chunks"][0]
+            hoff, hlen_total = frec.chunks[0]
             if checks and _stream_digest(f, hoff, hlen_total) != sums[0]:
                 raise CorruptCheckpointError(f"{fpath}: checksum mismatch in bytes [{hoff}, {hoff + hlen_total}) — "
                                              "the safetensors header")
-            header = _parse_header(f, fpath, frec["nbytes"])
-            _check_header(fpath, header, fi, body, 8 + struct.unpack("<Q", _pread(f, 0, 8))[0])
+            header = _parse_header(f, fpath, frec.nbytes)
+            _check_header(fpath, header, fi, m, 8 + struct.unpack("<Q", _pread(f, 0, 8))[0])
             if checks:
                 total += hlen_total
-                for (off, n), want in zip(frec["chunks"][1:], sums[1:]):
+                for (off, n), want in zip(frec.chunks[1:], sums[1:], strict=False):
                     if _stream_digest(f, off, n) != want:
                         raise CorruptCheckpointError(
                             f"{fpath}: checksum mismatch in bytes [{off}, {off + n}) — "
                             f"{owner.get((fi, off), 'unknown entry')}")
                     total += n
-    return {"files": len(paths), "tensors": len(body["tensors"]), "storages": len(body["storages"]),
-            "bytes_checked": total}
+    return {"files": len(paths), "tensors": len(m.tensors), "storages": len(m.storages), "bytes_checked": total}
 
 
 def _pread(f: Any, offset: int, n: int) -> bytes:
@@ -485,19 +477,24 @@ def _parse_header(f: Any, fpath: str, file_nbytes: int) -> dict[str, Any]:
     return header
 
 
-def _check_views(body: dict[str, Any], where: str) -> None:
-    """Every tensor record views bytes its storage has (a re-sealed manifest could ask for more)."""
-    for i, rec in enumerate(body["tensors"]):
-        itemsize = dtype_from_name(rec["dtype"]).itemsize
-        if any(n == 0 for n in rec["shape"]):
+def _check_views(m: Manifest, where: str) -> None:
+    """Every tensor record views bytes its storage has (a re-sealed manifest could ask for more).
+
+    The one check of the manifest's layout that needs torch (a dtype's size), so it is
+    here and not in zckpt.manifest.parse_manifest.
+    """
+    for i, rec in enumerate(m.tensors):
+        itemsize = dtype_from_name(rec.dtype).itemsize
+        if any(n == 0 for n in rec.shape):
             continue
-        last = rec["offset"] + sum((n - 1) * st for n, st in zip(rec["shape"], rec["stride"]))
-        if (last + 1) * itemsize > body["storages"][rec["storage"]]["nbytes"]:
-            raise CorruptCheckpointError(f"{where}: tensor record {i} ({_rec_name(rec)}) views bytes beyond "
-                                         f"its storage's {body['storages'][rec['storage']]['nbytes']}")
+        last = rec.offset + sum((n - 1) * st for n, st in zip(rec.shape, rec.stride, strict=False))
+        nbytes = m.storages[rec.storage].nbytes
+        if (last + 1) * itemsize > nbytes:
+            raise CorruptCheckpointError(f"{where}: malformed manifest: tensors[{i}] ({rec.name}) views bytes "
+                                         f"beyond its storage's {nbytes}")
 
 
-def _stream_digest(f: Any, offset: int, nbytes: int, block: int = 16 << 20) -> Optional[str]:
+def _stream_digest(f: Any, offset: int, nbytes: int, block: int = 16 << 20) -> str | None:
     """xxh3 of ``nbytes`` at ``offset``, read in blocks (a 4 GiB tensor needs no 4 GiB buffer)."""
     h = xxhash.xxh3_64()
     f.seek(offset)
@@ -511,17 +508,16 @@ def _stream_digest(f: Any, offset: int, nbytes: int, block: int = 16 << 20) -> O
     return h.hexdigest()
 
 
-def _check_header(fpath: str, header: dict[str, Any], fi: int, body: dict[str, Any], data_start: int) -> None:
-    for st in body["storages"]:
-        for part in st["parts"]:
-            if part["file"] != fi:
+def _check_header(fpath: str, header: dict[str, Any], fi: int, m: Manifest, data_start: int) -> None:
+    for st in m.storages:
+        for part in st.parts:
+            if part.file != fi:
                 continue
-            entry = header.get(part["entry"])
+            entry = header.get(part.entry)
             if not isinstance(entry, dict):
-                raise CorruptCheckpointError(f"{fpath}: safetensors header lacks entry {part['entry']!r}")
+                raise CorruptCheckpointError(f"{fpath}: safetensors header lacks entry {part.entry!r}")
             offsets = entry.get("data_offsets")
-            ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
-            start, end = offsets if ok else (None, None)
-            if start is None or end is None or data_start + start != part["offset"] or end - start != part["nbytes"]:
-                raise CorruptCheckpointError(f"{fpath}: entry {part['entry']!r} is at {entry.get('data_offsets')} "
-                                             f"in the header but the manifest places it at offset {part['offset']}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)) \
+                    or data_start + offsets[0] != part.offset or offsets[1] - offsets[0] != part.nbytes:
+                raise CorruptCheckpointError(f"{fpath}: entry {part.entry!r} is at {entry.get('data_offsets')} "
+                                             f"in the header but the manifest places it at offset {part.offset}")
