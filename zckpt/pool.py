@@ -51,8 +51,8 @@ from . import protocol as P
 from .arena import Arena, BufferSet
 from .config import PoolConfig
 from .errors import PoolClosedError, ReentrantSaveError, ZckptError
-from .manifest import FORMAT_NAME, FORMAT_VERSION, encode_skeleton
-from .plan import SavePlan, collect_storages, manifest_records, plan_save
+from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton
+from .plan import SavePlan, collect_storages, plan_records, plan_save
 from .save import FINAL, Save, SaveFuture, SaveState
 from .stager import stage_files
 from .supervisor import ShardJob, Supervisor
@@ -160,6 +160,7 @@ class CheckpointPool:
         # None while a save is still writing, then its commit job and slot.
         # The last plan: (structure key, plan, encoded skeleton); see _plan.
         self._plan_cache: tuple[tuple[Any, ...], SavePlan, dict[str, Any]] | None = None
+        self._records_cache: tuple[SavePlan, list[StorageRecord], list[TensorRecord]] | None = None
         self._commit_queue: collections.OrderedDict[int, tuple[P.CommitJob, int, Save] | None] = \
             collections.OrderedDict()
         self._committing: int | None = None
@@ -303,7 +304,8 @@ class CheckpointPool:
         which holds the state dict, is gone; or to FAILED if this raises.
         """
         fut, t0 = save.future, save.t0
-        plan, save.manifest, sources = self._plan(state_dict, metadata)
+        save.metadata = _json_metadata(metadata)
+        plan, save.tree, sources = self._plan(state_dict)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
         t_acquired = time.perf_counter()
@@ -365,7 +367,7 @@ class CheckpointPool:
 
     def _reserve(self, state_dict: Mapping[str, Any], timeout_s: float) -> None:
         self._check_open()
-        plan, _, sources = self._plan(state_dict, None)
+        plan, _, sources = self._plan(state_dict)
         sources.clear()
         sizes = [s.nbytes for s in plan.shards]
         pin = _needs_pinning(plan)
@@ -394,11 +396,10 @@ class CheckpointPool:
         for f in done:
             f.result(timeout=max(0.0, deadline - time.monotonic()) + RESERVE_REPLY_MARGIN_S)
 
-    def _plan(self, state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None
-              ) -> tuple[SavePlan, dict[str, Any], list[torch.UntypedStorage]]:
-        """Find the tensors and storages, pickle the rest, plan the shards, start the manifest.
+    def _plan(self, state_dict: Mapping[str, Any]) -> tuple[SavePlan, dict[str, Any], list[torch.UntypedStorage]]:
+        """Find the tensors and storages, pickle the rest, plan the shards.
 
-        Returns the plan, the manifest (checksums come at commit) and the caller's
+        Returns the plan, the manifest's encoded structure ("tree") and the caller's
         storages to copy from (drop them once staged). A state dict of the same structure
         as the last one (:func:`zckpt.tree.structure_key`: keys, shapes, dtypes, strides,
         sharing, simple values) reuses its plan and pickled skeleton.
@@ -421,15 +422,7 @@ class CheckpointPool:
                 tree = encode_skeleton(skeleton)
                 self._plan_cache = (key.key, plan, tree) if key is not None else None
             del key
-        manifest = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": self.config.checksum,
-            "tree": dict(tree),
-            # "storages" and "tensors" are filled in at commit, off the hot path
-            "metadata": _json_metadata(metadata), "torch_version": str(torch.__version__),
-            "files": [{"name": sh.name, "nbytes": sh.nbytes, "worker": sh.index,
-                       "chunks": [list(c) for c in sh.chunks]} for sh in plan.shards],
-        }
-        return plan, manifest, sources
+        return plan, tree, sources
 
     def _acquire(self, plan: SavePlan) -> BufferSet:
         return self._arena.acquire([s.nbytes for s in plan.shards], self.config.save_timeout_s,
@@ -658,27 +651,38 @@ class CheckpointPool:
         """
         try:
             assert save.plan is not None
-            save.manifest["storages"], save.manifest["tensors"] = manifest_records(save.plan)
-            for i, rec in enumerate(save.manifest["files"]):
+            storages, tensors = self._records(save.plan)
+            files = []
+            for i, sh in enumerate(save.plan.shards):
                 fr = save.results[i].files[0]
-                if fr.name != rec["name"] or fr.nbytes != rec["nbytes"]:
+                if fr.name != sh.name or fr.nbytes != sh.nbytes:
                     raise ZckptError(f"worker {i} reported {fr.name} ({fr.nbytes} bytes), "
-                                     f"expected {rec['name']} ({rec['nbytes']} bytes)")
-                rec["checksums"] = fr.checksums
-                rec["write_s"] = round(fr.write_s, 6)
-                rec["hash_s"] = round(fr.hash_s, 6)
+                                     f"expected {sh.name} ({sh.nbytes} bytes)")
+                files.append(FileRecord(name=sh.name, nbytes=sh.nbytes, worker=sh.index, chunks=tuple(sh.chunks),
+                                        checksums=tuple(fr.checksums), write_s=round(fr.write_s, 6),
+                                        hash_s=round(fr.hash_s, 6)))
         except (ZckptError, KeyError, IndexError) as exc:
             self._submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
-        save.manifest["created_unix"] = time.time()
-        job = P.CommitJob(save.id, save.tmp_dirs, save.finals, save.manifest, self.config.fsync,
-                          self.config.keep_last)
+        body = build_manifest(checksum=self.config.checksum, tree=save.tree, metadata=save.metadata,
+                              torch_version=str(torch.__version__), files=files, storages=storages,
+                              tensors=tensors, created_unix=time.time())
+        job = P.CommitJob(save.id, save.tmp_dirs, save.finals, body, self.config.fsync, self.config.keep_last)
         if not save.transition(SaveState.COMMITTING):
             return  # failed meanwhile (the pool shut down)
         with self._lock:
             if save.id in self._commit_queue:
                 self._commit_queue[save.id] = (job, slot, save)
         self._pump_commits()
+
+    def _records(self, plan: SavePlan) -> tuple[list[StorageRecord], list[TensorRecord]]:
+        """The plan's storage and tensor records (immutable: kept while the plan is reused)."""
+        cached = self._records_cache
+        if cached is not None and cached[0] is plan:
+            return cached[1], cached[2]
+        storages, tensors = plan_records(plan)
+        self._records_cache = (plan, storages, tensors)
+        return storages, tensors
 
     def _pump_commits(self) -> None:
         """Send the oldest save's commit once it is written and no other commit runs."""

@@ -104,7 +104,8 @@ class Save:
         self.tmp_dirs: list[str] = []
         self.bufset: BufferSet | None = None
         self.plan: SavePlan | None = None
-        self.manifest: dict[str, Any] = {}
+        self.tree: dict[str, Any] = {}             # the manifest's encoded structure
+        self.metadata: Any = None                   # the caller's JSON metadata
         self.pending: set[int] = set()            # shard indices still being written
         self.results: dict[int, P.JobResult] = {}
         self.error: BaseException | None = None  # the first error seen
