@@ -7,7 +7,6 @@ import ctypes.util
 import logging
 import os
 import signal
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def open_pidfd(pid: int) -> Optional[int]:
+def open_pidfd(pid: int) -> int | None:
     """A pollable fd that becomes readable when ``pid`` exits, or None if unsupported."""
     try:
         return os.pidfd_open(pid)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 __all__ = ["PoolConfig", "SPLIT_STRATEGIES"]
 
@@ -46,6 +47,10 @@ class PoolConfig:
             workers exit before it kills them.
         orphan_timeout_s: A worker that hears nothing from the trainer for this long
             exits by itself (backstop behind the parent-death signal).
+        stall_timeout_s: A worker whose shard-file job reports no written bytes for this
+            long is declared hung, killed and replaced; its save fails naming the file and
+            the bytes written. Far below ``save_timeout_s``: a slow write still reports
+            progress (writers call ``progress(nbytes)`` per chunk), a hung one does not.
         save_timeout_s: A save not committed within this fails with ``TimeoutError``;
             the workers still busy with it are killed and replaced (a hung writer
             cannot wedge the pool).
@@ -80,6 +85,7 @@ class PoolConfig:
     shutdown_timeout_s: float = 60.0
     orphan_timeout_s: float = 60.0
     save_timeout_s: float = 3600.0
+    stall_timeout_s: float = 30.0
     replace_dead_workers: bool = True
     staging_buffers: int = 1
     async_staging: bool = False
@@ -88,7 +94,7 @@ class PoolConfig:
     fsync: bool = True
     direct_io: bool = True
     mirrors: tuple[str, ...] = field(default_factory=tuple)
-    keep_last: Optional[int] = None
+    keep_last: int | None = None
 
     def __post_init__(self) -> None:
         self.mirrors = tuple(os.fspath(m) for m in self.mirrors)
@@ -97,7 +103,7 @@ class PoolConfig:
         _check_int(self, "staging_buffers", 1, 8)
         _check_int(self, "write_chunk_bytes", 4096, 1 << 34)
         for name in ("heartbeat_interval_s", "init_timeout_s", "shutdown_timeout_s",
-                     "orphan_timeout_s", "save_timeout_s"):
+                     "orphan_timeout_s", "save_timeout_s", "stall_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"PoolConfig.{name} must be a positive number of seconds, got {value!r}")
@@ -117,12 +123,12 @@ class PoolConfig:
         """Silence after which a worker is declared dead."""
         return self.heartbeat_interval_s * self.heartbeat_liveness
 
-    def replace(self, **changes: Any) -> "PoolConfig":
+    def replace(self, **changes: Any) -> PoolConfig:
         """A copy with some fields changed (validated like the original)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "PoolConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> PoolConfig:
         """Build from a mapping, refusing unknown keys by name.
 
         Accepts the keys at top level or under a ``[pool]`` table.
@@ -148,7 +154,7 @@ class PoolConfig:
             raise ValueError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_toml(cls, path: Union[str, "os.PathLike[str]"]) -> "PoolConfig":
+    def from_toml(cls, path: str | os.PathLike[str]) -> PoolConfig:
         """Read a TOML fan-out config. Relative mirror paths are relative to the file."""
         if sys.version_info >= (3, 11):
             import tomllib

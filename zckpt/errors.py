@@ -1,22 +1,26 @@
 """The exceptions zckpt raises, and how a worker's exception crosses the process gap.
 
 Everything derives from :class:`ZckptError` so callers can catch one type. Errors that
-happen inside a worker travel as (pickled exception, formatted traceback); the trainer
-re-raises the original type where it can, with ``__cause__`` set to a
+happen inside a worker travel as data: the type's name, its args when they are plain
+values, and the formatted traceback (never a pickle: unpickling runs code). The trainer
+rebuilds the original type only from a fixed allow-list (builtin exceptions whose
+constructors take plain values, and zckpt's own); anything else becomes a
+:class:`RemoteError` naming the remote type. Either way ``__cause__`` is a
 :class:`RemoteTraceback` holding the worker's text, the way CPython's process pool does.
 """
 
 from __future__ import annotations
 
-import pickle
+import builtins
 import signal
 import traceback
-from typing import Optional
+from typing import Any
 
 __all__ = [
     "ZckptError",
     "WorkerDiedError",
     "WorkerInitError",
+    "RemoteError",
     "CorruptCheckpointError",
     "PoolClosedError",
     "ReentrantSaveError",
@@ -30,7 +34,33 @@ class ZckptError(Exception):
 
 
 class WorkerDiedError(ZckptError):
-    """A checkpoint worker died, or went silent for longer than its heartbeat allows."""
+    """A checkpoint worker died, or went silent for longer than its heartbeat allows.
+
+    The facts are attributes, so callers and tests need not parse the message:
+
+    - ``slot``, ``generation``, ``pid``: which worker incarnation;
+    - ``exitcode``: its exit status (negative: the signal), None if it had not exited
+      when declared dead;
+    - ``silent_s``: seconds since the supervisor last heard from it;
+    - ``job``: what it was doing (e.g. ``"WriteFiles save 3 -> /ckpt/step-3"``), or None.
+    """
+
+    def __init__(self, message: str = "", *, slot: int | None = None, generation: int | None = None,
+                 pid: int | None = None, exitcode: int | None = None, silent_s: float | None = None,
+                 job: str | None = None) -> None:
+        super().__init__(message)
+        self.slot, self.generation, self.pid = slot, generation, pid
+        self.exitcode, self.silent_s, self.job = exitcode, silent_s, job
+
+    def __reduce__(self) -> Any:  # keep the attributes through pickle (compat users pickle errors)
+        return (_rebuild_with_state, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_with_state(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class WorkerInitError(ZckptError):
@@ -69,40 +99,91 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
-def pack_exception(exc: BaseException) -> tuple[Optional[bytes], str]:
-    """Turn an exception into what a worker sends: (pickled exception or None, text)."""
+class RemoteError(ZckptError):
+    """A worker raised an exception whose type is not rebuilt in the trainer.
+
+    ``remote_type`` names it (``"module.QualName"``); ``__cause__`` holds its traceback.
+    """
+
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+
+
+#: Plain values an exception's args may hold to travel as data.
+Plain = None | bool | int | float | str
+
+#: Builtin exception types rebuilt in the trainer: their constructors take plain values
+#: and run no user code. Subclasses of OSError come back through ``OSError(errno, ...)``,
+#: which picks FileNotFoundError and friends from the errno itself.
+_BUILTIN_ALLOWED = frozenset({
+    "Exception", "ArithmeticError", "AssertionError", "AttributeError", "BufferError", "EOFError",
+    "IndexError", "KeyError", "LookupError", "MemoryError", "NotImplementedError", "OverflowError",
+    "RuntimeError", "TimeoutError", "TypeError", "ValueError", "ZeroDivisionError",
+    "OSError", "BlockingIOError", "ChildProcessError", "ConnectionError", "BrokenPipeError",
+    "ConnectionAbortedError", "ConnectionRefusedError", "ConnectionResetError", "FileExistsError",
+    "FileNotFoundError", "InterruptedError", "IsADirectoryError", "NotADirectoryError", "PermissionError",
+    "ProcessLookupError",
+})
+
+
+def _zckpt_allowed() -> dict[str, type]:
+    return {f"{__name__}.{cls.__name__}": cls for cls in (
+        ZckptError, WorkerDiedError, WorkerInitError, CorruptCheckpointError, PoolClosedError,
+        ReentrantSaveError, RemoteError)}
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def pack_exception(exc: BaseException) -> tuple[tuple[str, list[Plain]], str]:
+    """What a worker sends for an exception: ((type name, plain args), traceback text).
+
+    Args that are not plain values are replaced by ``[str(exc)]``; an OSError's filename
+    is appended so ``OSError(errno, strerror, filename)`` rebuilds it.
+    """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt
-    except Exception:
-        return None, text
-    return blob, text
+    cls = type(exc)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    args: list[Plain] = list(exc.args)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        args = [exc.errno, exc.strerror] + ([exc.filename] if exc.filename is not None else [])
+    if not all(_is_plain(a) for a in args):
+        args = [str(exc)]
+    return (name, args), text
 
 
-def unpack_exception(blob: Optional[bytes], text: str, context: str) -> BaseException:
+def unpack_exception(info: tuple[str, list[Plain]] | None, text: str, context: str) -> BaseException:
     """Rebuild a worker's exception in the trainer, with the remote traceback as cause.
 
+    Only allow-listed types are rebuilt, and only from plain args: nothing a worker sends
+    runs code here. Anything else becomes a :class:`RemoteError` naming the remote type.
     A fresh object every call: sharing one exception between futures makes it gain
     frames on every raise (CPython's test_broken_process_pool_traceback).
     """
-    exc: Optional[BaseException] = None
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
-        last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-        exc = ZckptError(f"{context}: {last}")
+    name, args = info if info is not None else ("", [])
+    exc: BaseException | None = None
+    cls: type | None = None
+    if name.startswith("builtins.") and name[len("builtins."):] in _BUILTIN_ALLOWED:
+        cls = getattr(builtins, name[len("builtins."):])
     else:
-        if hasattr(exc, "add_note"):  # Python >= 3.11
-            exc.add_note(context)
+        cls = _zckpt_allowed().get(name)
+    if cls is not None and all(_is_plain(a) for a in args):
+        try:
+            exc = cls(*args)
+        except Exception:  # noqa: BLE001 - a constructor that wants other args: fall back to text
+            exc = None
+    if exc is None:
+        last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
+        exc = RemoteError(f"{context}: {last}", remote_type=name or "unknown")
+    elif hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(context)
     exc.__cause__ = RemoteTraceback(text)
     return exc
 
 
-def describe_exit(returncode: Optional[int]) -> str:
+def describe_exit(returncode: int | None) -> str:
     """Name an exit status the way a person reads it: ``SIGKILL(-9)``, ``exit code 3``."""
     if returncode is None:
         return "still running"

@@ -8,7 +8,7 @@ Who talks to whom::
       flatten + plan
       copy into arena  ──shm─────────────────────────────────▶  mapped once, reused
       fut.staged done
-      submit(jobs) ──queue+wake──▶ ROUTER ──WRITE(handles)──▶   write shard (O_DIRECT),
+      submit(jobs) ──queue+wake──▶ ROUTER ──JOB(handles)──▶   write shard (O_DIRECT),
                                         ◀──DONE(checksums)──    checksum, fdatasync
                                    last shard done:
                                    ──COMMIT(manifest)──▶ one worker: manifest, fsync,
@@ -97,6 +97,7 @@ class PoolStats:
     saves_committed: int
     saves_failed: int
     worker_restarts: int
+    dropped_frames: int = 0   # frames from peers that did not prove the pool's secret
 
 
 class CheckpointPool:
@@ -214,7 +215,7 @@ class CheckpointPool:
         with self._lock:
             c = dict(self._counts)
         return PoolStats(self._arena.nbytes, self._arena.allocations, c["started"], c["committed"],
-                         c["failed"], self._supervisor.restarts)
+                         c["failed"], self._supervisor.restarts, self._supervisor.dropped_frames)
 
     def save(self, state_dict: Mapping[str, Any], path: PathLike, *,
              metadata: Mapping[str, Any] | None = None, **writer_kwargs: Any) -> SaveFuture:

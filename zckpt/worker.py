@@ -1,16 +1,22 @@
-"""The checkpoint worker process: ``python -m zckpt.worker ENDPOINT SLOT GEN PARENT_PID HB_S ORPHAN_S``.
+"""The checkpoint worker process.
+
+Run as ``python -m zckpt.worker ENDPOINT SLOT GEN PARENT_PID HB_S ORPHAN_S KEY_FD``.
 
 A worker is a direct child of the trainer. It:
 
 1. sets a parent-death signal and checks its parent is still the trainer (so a trainer
    killed by SIGKILL takes its workers with it);
-2. connects a command socket (``w-<slot>-<gen>``) and a heartbeat socket
-   (``h-<slot>-<gen>``, owned by a thread) to the trainer's ROUTER, and says HELLO;
+2. reads the pool's secret and its routing-id token from the inherited pipe ``KEY_FD``
+   (never the command line or the environment, which other processes can read), closes
+   it, connects a command socket (``w-<slot>-<gen>-<token>``) and a heartbeat socket
+   (``h-<slot>-<gen>-<token>``, owned by a thread) to the trainer's ROUTER, and says
+   HELLO; every message it sends carries the proof that it holds the secret;
 3. on INIT, extends ``sys.path`` like the trainer's, unpickles (cloudpickle) and runs
    ``init_fn(*init_args)``, then builds its writer; any failure goes back as INIT_FAILED
    with the traceback, and the worker exits;
-4. serves WRITE jobs until TERMINATE, mapping the trainer's segments once and keeping
-   them mapped; every job answers DONE or FAILED.
+4. serves JOB messages (shard writes, compat state writes, arena mappings, commits)
+   until TERMINATE, mapping the trainer's segments once and keeping them mapped; every
+   job answers DONE or FAILED.
 
 The heartbeat thread keeps beating while the main thread writes (``os.write`` and the
 checksum release the GIL), carries a progress counter (busy is not hung), and ends the
@@ -31,7 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 import zmq
 
@@ -76,10 +82,12 @@ def _on_sigterm(endpoint: str, parent_pid: int, signum: int, frame: Any) -> None
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, ctx: zmq.Context, endpoint: str, identity: bytes, parent_pid: int,
-                 interval_s: float, orphan_timeout_s: float, progress: "list[int]") -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, identity: bytes, secret: bytes, parent_pid: int,
+                 interval_s: float, orphan_timeout_s: float, progress: list[int]) -> None:
         super().__init__(name="zckpt-heartbeat", daemon=True)
         self._ctx, self._endpoint, self._identity = ctx, endpoint, identity
+        self._secret = secret
+        self._proof = P.proof(secret, identity)   # constant per routing id: computed once
         self._parent_pid = parent_pid
         self._interval_s = interval_s
         self._orphan_timeout_s = orphan_timeout_s
@@ -99,7 +107,7 @@ class _Heartbeat(threading.Thread):
             while not self._stop_event.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    msg = P.encode(P.Kind.HEARTBEAT, P.Heartbeat(self._progress[0], os.getpid()))
+                    msg = P.encode(P.Kind.HEARTBEAT, P.Heartbeat(self._progress[0], os.getpid()), self._proof)
                     try:
                         sock.send_multipart(msg, flags=zmq.NOBLOCK)
                     except zmq.Again:
@@ -108,8 +116,8 @@ class _Heartbeat(threading.Thread):
                 wait_ms = max(1, int(min(next_beat - now, 0.25) * 1000))
                 if sock.poll(wait_ms):
                     while sock.poll(0):
-                        sock.recv_multipart()
-                    last_heard = time.monotonic()
+                        if _from_trainer(self._secret, self._identity, sock.recv_multipart()) is not None:
+                            last_heard = time.monotonic()  # only the real trainer keeps us alive
                 if os.getppid() != self._parent_pid:
                     _exit_orphaned(self._endpoint, self._parent_pid, f"trainer (pid {self._parent_pid}) is gone")
                 if time.monotonic() - last_heard > self._orphan_timeout_s:
@@ -123,32 +131,40 @@ class Worker:
     """State of one worker process: sockets, writer, mapped segments."""
 
     def __init__(self, endpoint: str, slot: int, generation: int, parent_pid: int,
-                 heartbeat_interval_s: float, orphan_timeout_s: float) -> None:
+                 heartbeat_interval_s: float, orphan_timeout_s: float, secret: bytes, token: str) -> None:
         self.slot, self.generation, self.parent_pid = slot, generation, parent_pid
         self.ctx = zmq.Context()
         self.ctx.setsockopt(zmq.LINGER, 0)
         self.cmd = self.ctx.socket(zmq.DEALER)
-        self.cmd.setsockopt(zmq.ROUTING_ID, P.command_id(slot, generation))
+        cmd_id = P.command_id(slot, generation, token)
+        hb_id = P.heartbeat_id(slot, generation, token)
+        self._proof = P.proof(secret, cmd_id)   # constant per routing id: computed once
+        self.cmd.setsockopt(zmq.ROUTING_ID, cmd_id)
         self.cmd.connect(endpoint)
         self.progress = [0]
-        self.heartbeat = _Heartbeat(self.ctx, endpoint, P.heartbeat_id(slot, generation), parent_pid,
+        self._secret, self._cmd_id = secret, cmd_id
+        self.heartbeat = _Heartbeat(self.ctx, endpoint, hb_id, secret, parent_pid,
                                     heartbeat_interval_s, orphan_timeout_s, self.progress)
         self.orphan_timeout_s = orphan_timeout_s
-        self.init: Optional[P.InitRequest] = None
+        self.init: P.InitRequest | None = None
         self.writer: Any = None
         self._maps: dict[str, Any] = {}        # segment key -> mmap (files mode)
         self._storages: dict[str, Any] = {}    # segment key -> (nbytes, torch storage) (state mode)
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="zckpt-hash")
 
-    def send(self, kind: P.Kind, body: Any = P.Empty()) -> None:
-        self.cmd.send_multipart(P.encode(kind, body))
+    def send(self, kind: P.Kind, body: Any = P.EMPTY) -> None:
+        self.cmd.send_multipart(P.encode(kind, body, self._proof))
 
-    def recv(self, timeout_s: float) -> Optional[tuple[P.Kind, Any]]:
+    def recv(self, timeout_s: float) -> tuple[P.Kind, Any] | None:
         if not self.cmd.poll(int(timeout_s * 1000)):
             return None
-        frames = self.cmd.recv_multipart()
+        header = _from_trainer(self._secret, self._cmd_id, self.cmd.recv_multipart())
+        if header is None:
+            return None
         try:
-            return P.decode(frames)
+            # Trusted (pickle allowed): the sender proved it holds the pool's secret,
+            # which only the trainer and its workers have.
+            return header.kind, P.decode_body(header, trusted=True)
         except P.ProtocolError as exc:
             logger.error("dropping bad message from trainer: %s", exc)
             return None
@@ -178,7 +194,7 @@ class Worker:
             if msg is None:
                 continue
             kind, body = msg
-            if kind is P.Kind.WRITE:
+            if kind is P.Kind.JOB:
                 self._serve(body)
             elif kind is P.Kind.TERMINATE:
                 self._close_writer()
@@ -210,9 +226,9 @@ class Worker:
             if req.mode == "state" and not callable(getattr(self.writer, "write", None)):
                 raise TypeError(f"checkpoint writer {type(self.writer).__name__} has no write() method")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the trainer
-            blob, text = pack_exception(exc)
+            (exc_type, exc_args), text = pack_exception(exc)
             logger.error("worker %d failed in %s:\n%s", self.slot, phase, text)
-            self.send(P.Kind.INIT_FAILED, P.ErrorReport(None, blob, text, phase))
+            self.send(P.Kind.INIT_FAILED, P.ErrorReport(None, exc_type, exc_args, text, phase))
             return False
         return True
 
@@ -228,9 +244,9 @@ class Worker:
             else:
                 result = self._write_state(job)
         except BaseException as exc:  # noqa: BLE001
-            blob, text = pack_exception(exc)
+            (exc_type, exc_args), text = pack_exception(exc)
             logger.error("worker %d job %d failed:\n%s", self.slot, job.job_id, text)
-            self.send(P.Kind.FAILED, P.ErrorReport(job.job_id, blob, text, "write"))
+            self.send(P.Kind.FAILED, P.ErrorReport(job.job_id, exc_type, exc_args, text, "write"))
             return
         self.send(P.Kind.DONE, result)
 
@@ -247,7 +263,7 @@ class Worker:
     def _commit(self, job: P.CommitJob) -> P.JobResult:
         from .commit import apply_retention, commit_dir
 
-        for tmp, final in zip(job.tmp_dirs, job.finals):
+        for tmp, final in zip(job.tmp_dirs, job.finals, strict=True):
             commit_dir(tmp, final, job.manifest, fsync=job.fsync)
         if job.keep_last is not None:
             for final in job.finals:
@@ -382,10 +398,50 @@ def _checksums(data: memoryview, chunks: list[tuple[int, int]]) -> tuple[list[st
     return out, time.perf_counter() - t0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _from_trainer(secret: bytes, routing_id: bytes, frames: list[bytes]) -> P.Header | None:
+    """The header of a message the trainer proved it sent to ``routing_id``; None (logged) otherwise.
+
+    A process of the same user could replace the socket file and be the peer a worker
+    connects to; without the secret its messages (an INIT with a payload to unpickle)
+    are dropped here, before any body is decoded.
+    """
+    try:
+        header = P.split(frames)
+    except P.ProtocolError as exc:
+        logger.error("dropping bad message from the trainer's socket: %s", exc)
+        return None
+    if not P.check_proof(secret, P.trainer_identity(routing_id), header):
+        logger.error("dropping %s without the trainer's proof", header.kind.name)
+        return None
+    return header
+
+
+def read_key(fd: int) -> tuple[bytes, str]:
+    """Read (secret, routing-id token) from the pipe the trainer passed, then close it.
+
+    Blocks until the trainer has written and closed its end (it writes before starting
+    the process, so at once). Raises ValueError if the pipe holds anything else.
+    """
+    want = P.SECRET_BYTES + 2 * P.TOKEN_BYTES
+    data = b""
+    try:
+        while len(data) <= want:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) != want:
+        raise ValueError(f"key pipe held {len(data)} bytes, expected {want}")
+    return data[:P.SECRET_BYTES], data[P.SECRET_BYTES:].decode("ascii")
+
+
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     endpoint, slot, generation, parent_pid = args[0], int(args[1]), int(args[2]), int(args[3])
     hb_s, orphan_s = float(args[4]), float(args[5])
+    secret, token = read_key(int(args[6]))
     faulthandler.enable()  # a crash leaves a stack on stderr
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is it stuck?
     # Ctrl-C reaches the whole process group: the trainer decides what happens (it may
@@ -407,7 +463,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         level=logging.WARNING,
         format=f"zckpt-worker[slot={slot} gen={generation} pid=%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    worker = Worker(endpoint, slot, generation, parent_pid, hb_s, orphan_s)
+    worker = Worker(endpoint, slot, generation, parent_pid, hb_s, orphan_s, secret, token)
     try:
         return worker.run()
     finally:

@@ -15,7 +15,8 @@ import errno
 import logging
 import mmap
 import os
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["ShardWriter", "LocalFileWriter"]
 
