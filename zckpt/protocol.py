@@ -358,13 +358,23 @@ def decode(frames: list[bytes], *, trusted: bool = False) -> tuple[Kind, Any]:
 # --- the codec: dataclasses <-> msgpack lists, checked against the annotations ---------
 def _fields_to_plain(obj: Any) -> list[Any]:
     out = []
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        # Writer kwargs are the user's own objects: pickled whole (types preserved), and
-        # only ever sent to a worker (trainer -> worker is the trusted direction).
-        out.append(msgpack.ExtType(_EXT_PICKLE, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-                   if f.name == "kwargs" else _to_plain(value))
+        if f.name == "kwargs":
+            # Writer kwargs are the user's own objects: pickled whole (types preserved), and
+            # only ever sent to a worker (trainer -> worker is the trusted direction).
+            out.append(msgpack.ExtType(_EXT_PICKLE, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+        elif hints[f.name] in _RAW_HINTS:
+            # JSON-ready data (a manifest body): msgpack packs it as it is. Walking it in
+            # Python cost 34 ms for a 2,000-tensor manifest, against 3 ms for msgpack.
+            out.append(value)
+        else:
+            out.append(_to_plain(value))
     return out
+
+
+_RAW_HINTS = (Any, dict[str, Any])
 
 
 def _to_plain(value: Any) -> Any:
