@@ -199,7 +199,7 @@ def _compat_error(exc: BaseException) -> BaseException:
 class _StatePool(CheckpointPool):
     """A one-worker pool whose worker calls ``writer.write(path, state_dict, **kwargs)``."""
 
-    _MODE = "state"
+    _WRITER_METHOD = "write"
     # One segment per storage (see stager.layout_state): page-sized rounding, not 2 MiB.
     _ARENA_ROUND_BYTES = mmap.PAGESIZE
 

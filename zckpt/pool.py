@@ -124,7 +124,7 @@ class CheckpointPool:
         TimeoutError: a worker did not finish start-up in time (it is killed).
     """
 
-    _MODE = "files"
+    _WRITER_METHOD = "write_file"   # what the workers' writer must provide (see ShardWriter)
     _ARENA_ROUND_BYTES = 1 << 21   # 2 MiB: huge-page friendly segments, one per shard
 
     def __init__(self, num_workers: int | None = None, config: PoolConfig | None = None, *,
@@ -179,7 +179,7 @@ class CheckpointPool:
                                            initargs=(self._local,))
         self._stager = ThreadPoolExecutor(1, thread_name_prefix="zckpt-stage", initializer=_mark_internal,
                                           initargs=(self._local,))
-        self._supervisor = Supervisor(cfg, payload, self._MODE, self._on_broken)
+        self._supervisor = Supervisor(cfg, payload, self._WRITER_METHOD, self._on_broken)
         t0 = time.perf_counter()
         self._supervisor.start()
         # Bounded: the supervisor kills a worker at init_timeout_s; the margin covers reaping.

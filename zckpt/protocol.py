@@ -54,7 +54,7 @@ __all__ = [
 
 #: Bumped on any change to the header or to a message's fields; checked on every message
 #: from a worker, so a worker of another zckpt version fails at HELLO with a clear error.
-VERSION = 2
+VERSION = 3
 
 _HEADER = struct.Struct("!BH32s")
 HEADER_BYTES = _HEADER.size
@@ -102,7 +102,7 @@ class Hello:
 class InitRequest:
     sys_path: list[str]
     payload: bytes            # cloudpickle of (init_fn, init_args, writer_factory, writer_kwargs)
-    mode: str                 # "files" (native shard files) or "state" (compat writers)
+    writer_method: str        # what the writer must provide: "write_file" (shard files) or "write" (compat)
     heartbeat_interval_s: float
     orphan_timeout_s: float
     write_chunk_bytes: int

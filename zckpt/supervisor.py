@@ -150,16 +150,17 @@ class Supervisor(threading.Thread):
     Args:
         config: the pool's configuration.
         init_payload: cloudpickled (init_fn, init_args, writer_factory, writer_kwargs).
-        mode: ``"files"`` (native shard files) or ``"state"`` (compat writers).
+        writer_method: the method the writer must have (``"write_file"`` for the pool's
+            shard files, ``"write"`` for compat's state dicts), checked at worker init.
         on_broken: called (on this thread) with the cause when the pool cannot go on.
     """
 
-    def __init__(self, config: PoolConfig, init_payload: bytes, mode: str,
+    def __init__(self, config: PoolConfig, init_payload: bytes, writer_method: str,
                  on_broken: Callable[[BaseException], None]) -> None:
         super().__init__(name="zckpt-supervisor", daemon=True)
         self.config = config
         self._payload = init_payload
-        self._mode = mode
+        self._writer_method = writer_method
         self._on_broken = on_broken
         self._lock = threading.Lock()
         self._slots = [_Slot(i) for i in range(config.num_workers)]
@@ -621,7 +622,7 @@ class Supervisor(threading.Thread):
     def _init_request(self) -> P.InitRequest:
         cfg = self.config
         return P.InitRequest(
-            sys_path=[p for p in sys.path if p], payload=self._payload, mode=self._mode,
+            sys_path=[p for p in sys.path if p], payload=self._payload, writer_method=self._writer_method,
             heartbeat_interval_s=cfg.heartbeat_interval_s, orphan_timeout_s=cfg.orphan_timeout_s,
             write_chunk_bytes=cfg.write_chunk_bytes, checksum=cfg.checksum, fsync=cfg.fsync,
             direct_io=cfg.direct_io, log_level=logging.getLogger("zckpt").getEffectiveLevel(),

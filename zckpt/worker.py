@@ -21,7 +21,8 @@ A worker is a direct child of the trainer. It:
 The heartbeat thread keeps beating while the main thread writes (``os.write`` and the
 checksum release the GIL), carries a progress counter (busy is not hung), and ends the
 process if the trainer disappears: parent changed, or silent past ``orphan_timeout_s``.
-torch is imported only by the compat "state" mode.
+torch is imported only by compat's state-dict jobs. Jobs are dispatched on their type
+through one table (``Worker._jobs``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ from .writers import default_writer_factory, map_segment
 logger = logging.getLogger("zckpt.worker")
 
 EXIT_ORPHANED = 70
+
+# The method each writer kind must have, as error messages spell it.
+_WRITER_SIGNATURES = {"write_file": "write_file(path, data, *, progress, **kwargs)",
+                      "write": "write(path, state_dict, **kwargs)"}
 
 
 def _exit_orphaned(endpoint: str, parent_pid: int, why: str, settle_s: float = 0.0) -> None:
@@ -151,6 +156,11 @@ class Worker:
         self._maps: dict[str, Any] = {}        # segment key -> mmap (files mode)
         self._storages: dict[str, Any] = {}    # segment key -> (nbytes, torch storage) (state mode)
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="zckpt-hash")
+        # One table from job type to handler: what a worker can do is read here.
+        self._jobs: dict[type, Any] = {
+            P.WriteFiles: self._write_files, P.MapSegments: self._map_segments,
+            P.CommitJob: self._commit, P.WriteState: self._write_state,
+        }
 
     def send(self, kind: P.Kind, body: Any = P.EMPTY) -> None:
         self.cmd.send_multipart(P.encode(kind, body, self._proof))
@@ -220,11 +230,9 @@ class Worker:
                 self.writer = default_writer_factory(req.write_chunk_bytes, req.fsync, req.direct_io)
             else:
                 self.writer = factory(**factory_kwargs)
-            if req.mode == "files" and not callable(getattr(self.writer, "write_file", None)):
+            if not callable(getattr(self.writer, req.writer_method, None)):
                 raise TypeError(f"writer_factory returned {type(self.writer).__name__}, which has no "
-                                "write_file(path, data, *, progress, **kwargs) method")
-            if req.mode == "state" and not callable(getattr(self.writer, "write", None)):
-                raise TypeError(f"checkpoint writer {type(self.writer).__name__} has no write() method")
+                                f"{_WRITER_SIGNATURES.get(req.writer_method, req.writer_method)} method")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the trainer
             (exc_type, exc_args), text = pack_exception(exc)
             logger.error("worker %d failed in %s:\n%s", self.slot, phase, text)
@@ -235,18 +243,14 @@ class Worker:
     def _serve(self, job: Any) -> None:
         logger.debug("worker %d: %s job %d", self.slot, type(job).__name__, job.job_id)
         try:
-            if isinstance(job, P.WriteFiles):
-                result = self._write_files(job)
-            elif isinstance(job, P.MapSegments):
-                result = self._map_segments(job)
-            elif isinstance(job, P.CommitJob):
-                result = self._commit(job)
-            else:
-                result = self._write_state(job)
+            run = self._jobs.get(type(job))
+            if run is None:
+                raise TypeError(f"this worker runs no {P.job_name(job)} job")
+            result = run(job)
         except BaseException as exc:  # noqa: BLE001
             (exc_type, exc_args), text = pack_exception(exc)
-            logger.error("worker %d job %d failed:\n%s", self.slot, job.job_id, text)
-            self.send(P.Kind.FAILED, P.ErrorReport(job.job_id, exc_type, exc_args, text, "write"))
+            logger.error("worker %d %s job %d failed:\n%s", self.slot, P.job_name(job), job.job_id, text)
+            self.send(P.Kind.FAILED, P.ErrorReport(job.job_id, exc_type, exc_args, text, P.job_name(job)))
             return
         self.send(P.Kind.DONE, result)
 
@@ -282,14 +286,11 @@ class Worker:
         return P.JobResult(job.job_id, [])
 
     def _mapping(self, seg: P.SegmentRef) -> Any:
-        """The cached mapping of an arena segment (mmap in files mode, a storage in state mode)."""
-        assert self.init is not None
-        if self.init.mode == "files":
-            mm = self._maps.get(seg.key)
-            if mm is None:
-                mm = self._maps[seg.key] = map_segment(seg.path, seg.nbytes)
-            return mm
-        return self._state_storage(seg, seg.nbytes)
+        """The cached read-only mapping of an arena segment holding shard file images."""
+        mm = self._maps.get(seg.key)
+        if mm is None:
+            mm = self._maps[seg.key] = map_segment(seg.path, seg.nbytes)
+        return mm
 
     def _write_files(self, job: P.WriteFiles) -> P.JobResult:
         assert self.init is not None
