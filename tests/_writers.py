@@ -94,3 +94,10 @@ def failing_init(message: str) -> None:
 
 def slow_init(gate: str) -> None:
     wait_for_file(gate, timeout_s=120.0)
+
+
+def kill_compat(cp: Any) -> None:
+    """Test cleanup for a compat CheckpointProcess: kill its worker, then close (no drain)."""
+    if cp.process is not None:
+        cp.process.processes[0].kill()
+    cp.close()

@@ -29,7 +29,7 @@ from zckpt.compat import (
     WorkerResponse,
 )
 
-from _writers import wait_for_file
+from _writers import kill_compat, wait_for_file
 from conftest import pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,9 +117,7 @@ def processes():
         yield make
     finally:
         for cp in made:
-            if cp.process is not None:
-                cp.process.processes[0].kill()
-            cp.close()
+            kill_compat(cp)
 
 
 def test_request_types_and_messages():

@@ -28,6 +28,8 @@ from zckpt import PoolConfig
 from zckpt.compat import CheckpointProcess, CheckpointProcessConfig, CheckpointWriter, CheckpointWriterConfig, RankInfo
 from zckpt.manifest import MANIFEST_NAME, checksum_hex
 
+from _writers import kill_compat
+
 pytestmark = pytest.mark.timeout(180)
 
 RANK = RankInfo(global_rank=0, global_world_size=1)
@@ -108,9 +110,7 @@ def compat_process():
         yield make
     finally:
         for cp in made:
-            if cp.process is not None:
-                cp.process.processes[0].kill()
-            cp.close()
+            kill_compat(cp)
 
 
 def compat_write(cp, sd, path):
