@@ -24,49 +24,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+if __package__ in (None, ""):  # run as a file: import the bench package from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+import torch  # noqa: E402
 
 import zckpt  # noqa: E402
+from bench import harness, report  # noqa: E402
+from bench.harness import evict, median  # noqa: E402
 
-from _peers import make_state_dict, state_dict_nbytes  # noqa: E402
-
-
-def evict(path: Path) -> None:
-    """Drop a file tree's clean pages from the page cache so the next read hits the device."""
-    for p in [path] if path.is_file() else path.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def config_for(workers: int, checksum: str) -> zckpt.PoolConfig:
-    path = HERE / "configs" / f"fanout-{workers}.toml"
-    cfg = zckpt.PoolConfig.from_toml(path if path.exists() else HERE / "configs" / "fanout-4.toml")
+    path = CONFIGS / f"fanout-{workers}.toml"
+    cfg = zckpt.PoolConfig.from_toml(path if path.exists() else CONFIGS / "fanout-4.toml")
     return cfg.replace(num_workers=workers, checksum=checksum, mirrors=(), keep_last=None)
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def measure(workers: int, sd: dict, nbytes: int, work: Path, rounds: int, progress: str) -> dict[str, Any]:
+def measure(workers: int, sd: dict, nbytes: int, work: Path, rounds: int, progress: harness.Progress,
+            label: str) -> dict[str, Any]:
     pools = {c: zckpt.CheckpointPool(config=config_for(workers, c)) for c in ("xxh3_64", "none")}
     out: dict[str, Any] = {"workers": workers, "size_mib": nbytes / 2**20}
     try:
@@ -77,7 +60,7 @@ def measure(workers: int, sd: dict, nbytes: int, work: Path, rounds: int, progre
             # Alternate which variant goes first: the first save of a round meets the
             # previous round's device write-back, a bias that must not land on one side.
             for c, pool in (list(pools.items()) if r % 2 else list(pools.items())[::-1]):
-                print(f"\r{progress} round {r}/{rounds} {c:8}", end="", file=sys.stderr, flush=True)
+                progress.update(f"{label} round {r}/{rounds} {c}")
                 path = work / f"w{workers}-{c}-r{r}"
                 t0 = time.perf_counter()
                 fut = pool.save(sd, path)
@@ -98,7 +81,7 @@ def measure(workers: int, sd: dict, nbytes: int, work: Path, rounds: int, progre
         t0 = time.perf_counter()
         back = zckpt.load(last)
         load_s = time.perf_counter() - t0
-        ok = all(torch.equal(a, b) for a, b in zip(_tensors(back), _tensors(sd), strict=False))
+        ok = harness.compare(back, sd).ok
         shutil.rmtree(last)
         d = {c: median(times[c]["durable"]) for c in pools}
         out.update(
@@ -115,22 +98,11 @@ def measure(workers: int, sd: dict, nbytes: int, work: Path, rounds: int, progre
     return out
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for k in obj for t in _tensors(obj[k])]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def torch_load_baseline(sd: dict, nbytes: int, work: Path) -> dict[str, float]:
     path = work / "torch.pt"
     t0 = time.perf_counter()
     torch.save(sd, path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    harness.fsync_path(path)
     save_s = time.perf_counter() - t0
     evict(path)
     t0 = time.perf_counter()
@@ -140,23 +112,19 @@ def torch_load_baseline(sd: dict, nbytes: int, work: Path) -> dict[str, float]:
     return {"torch_save_fsync_s": save_s, "torch_load_s": load_s, "torch_load_gbps": nbytes / load_s / 1e9}
 
 
-def render(rows: list[dict[str, Any]], base: dict[int, dict[str, float]]) -> tuple[str, str]:
-    head = ["MiB", "writers", "blocked_s", "durable_s", "save GB/s", "efficiency", "checksum cost",
-            "load GB/s", "torch.load GB/s", "correct"]
-    lines = []
+def table(rows: list[dict[str, Any]], base: dict[int, dict[str, float]]) -> report.Table:
+    """One row per (size, writers); efficiency against 1 writer at the same size, same run."""
+    t = report.Table("", ["MiB", "writers", "blocked_s", "durable_s", "save GB/s", "efficiency",
+                          "checksum cost", "load GB/s", "torch.load GB/s", "correct"])
     for r in rows:
         one = next((x for x in rows if x["size_mib"] == r["size_mib"] and x["workers"] == 1), None)
-        eff = r["save_gbps"] / (r["workers"] * one["save_gbps"]) if one else float("nan")
-        r["efficiency"] = eff
+        eff = report.ratio(r["save_gbps"], r["workers"] * one["save_gbps"]) if one else None
+        r["efficiency"] = eff if eff is not None else float("nan")
         b = base[int(r["size_mib"])]
-        lines.append([f"{r['size_mib']:.0f}", str(r["workers"]), f"{r['blocked_s']:.3f}", f"{r['durable_s']:.3f}",
-                      f"{r['save_gbps']:.2f}", f"{eff:.2f}", f"{r['checksum_share'] * 100:.1f}%",
-                      f"{r['load_gbps']:.2f}", f"{b['torch_load_gbps']:.2f}", "ok" if r["correct"] else "MISMATCH"])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)) for row in [head] + lines)
-    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(
-        "| " + " | ".join(line) + " |" for line in lines)
-    return text, md
+        t.add([f"{r['size_mib']:.0f}", str(r["workers"]), f"{r['blocked_s']:.3f}", f"{r['durable_s']:.3f}",
+               f"{r['save_gbps']:.2f}", report.fmt_num(eff), f"{r['checksum_share'] * 100:.1f}%",
+               f"{r['load_gbps']:.2f}", f"{b['torch_load_gbps']:.2f}", "ok" if r["correct"] else "MISMATCH"])
+    return t
 
 
 def knees(rows: list[dict[str, Any]], gain: float) -> dict[int, int]:
@@ -173,24 +141,15 @@ def knees(rows: list[dict[str, Any]], gain: float) -> dict[int, int]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install 'zckpt[bench]')", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for size in sorted({r["size_mib"] for r in rows}):
-        series = sorted((r["workers"], r["save_gbps"]) for r in rows if r["size_mib"] == size)
-        ax.plot([s[0] for s in series], [s[1] for s in series], marker="o", label=f"{size:.0f} MiB")
-    ax.set_xlabel("writers")
-    ax.set_ylabel("durable save GB/s")
-    ax.set_title("zckpt fan-out scaling")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+def plot(rows: list[dict[str, Any]]) -> Any:
+    """The ``--png`` drawer: durable save GB/s against writers, one line per size."""
+    lines = {f"{size:.0f} MiB": [(r["workers"], r["save_gbps"]) for r in rows if r["size_mib"] == size]
+             for size in sorted({r["size_mib"] for r in rows})}
+
+    def draw(plt: Any, path: str) -> bool:
+        return report.line_chart(plt, path, lines, "writers", "durable save GB/s", "zckpt fan-out scaling")
+
+    return draw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,37 +160,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="where to write (default: the system temp dir); "
                     "put it on the disk you checkpoint to")
     ap.add_argument("--knee-gain", type=float, default=0.10)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", default=None)
-    ap.add_argument("--png", default=None)
+    report.add_output_args(ap, png="a chart of save GB/s against writers")
     args = ap.parse_args(argv)
     workers = [int(x) for x in args.workers.split(",")]
     sizes = [int(x) for x in args.sizes_mb.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="zckpt-fanout-", dir=args.dir))
     rows: list[dict[str, Any]] = []
     base: dict[int, dict[str, float]] = {}
-    try:
+    progress = harness.Progress("fanout")
+    with harness.work_dir("zckpt-fanout-", args.dir) as work:
         for size in sizes:
-            sd = make_state_dict(size << 20)
-            nbytes = state_dict_nbytes(sd)
+            sd = harness.make_state_dict(size << 20)
+            nbytes = harness.state_dict_nbytes(sd)
             base[size] = torch_load_baseline(sd, nbytes, work)
             for n in workers:
-                rows.append(measure(n, sd, nbytes, work, args.rounds, f"[{size} MiB, {n} writers]"))
+                rows.append(measure(n, sd, nbytes, work, args.rounds, progress, f"{size} MiB, {n} writers:"))
                 rows[-1]["size_mib"] = size
             del sd
-        print(file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    text, md = render(rows, base)
-    print(text)
-    for size, knee in knees(rows, args.knee_gain).items():
-        print(f"{size} MiB: knee at {knee} writer(s) (more writers add < {args.knee_gain:.0%})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "torch_baseline": base}, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(md + "\n")
-    if args.png:
-        plot(rows, args.png)
+        progress.end()
+    t = table(rows, base)
+    t.footer = [f"{size} MiB: knee at {knee} writer(s) (more writers add < {args.knee_gain:.0%})"
+                for size, knee in knees(rows, args.knee_gain).items()]
+    report.emit(args, [t], {"rows": rows, "torch_baseline": base}, png=plot(rows))
     return 0 if all(r["correct"] for r in rows) else 1
 
 

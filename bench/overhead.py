@@ -14,22 +14,20 @@ competition is part of what is measured.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+if __package__ in (None, ""):  # run as a file: import the bench package from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+import torch  # noqa: E402
 
 import zckpt  # noqa: E402
+from bench import harness, report  # noqa: E402
 
 
 def build(width: int, depth: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -84,8 +82,8 @@ def run(mode: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         if pool is not None:
             pool.close()
     state_mib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3 / 2**20
-    return {"mode": mode, "median_step_s": statistics.median(steps), "mean_step_s": statistics.fmean(steps),
-            "blocked_per_save_s": statistics.median(blocked) if blocked else 0.0, "saves": len(blocked),
+    return {"mode": mode, "median_step_s": harness.median(steps), "mean_step_s": statistics.fmean(steps),
+            "blocked_per_save_s": harness.median(blocked) if blocked else 0.0, "saves": len(blocked),
             "wall_s": wall, "state_mib": state_mib}
 
 
@@ -97,28 +95,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--json", default=None)
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: the system temp dir)")
+    report.add_output_args(ap)
     args = ap.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="zckpt-overhead-", dir=args.dir))
-    try:
-        rows = []
+    progress = harness.Progress("overhead")
+    rows = []
+    with harness.work_dir("zckpt-overhead-", args.dir) as root:
         for mode in ("none", "torch.save", "zckpt"):
-            print(f"running {mode} ...", file=sys.stderr, flush=True)
+            progress.update(f"running {mode}")
             rows.append(run(mode, args, root))
-            for p in root.iterdir():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+            harness.clear_dir(root)
+        progress.end()
     base = rows[0]
-    print(f"state: {rows[0]['state_mib']:.0f} MiB (model + AdamW moments), {args.steps} steps, "
-          f"checkpoint every {args.every}")
-    print(f"{'mode':<12}{'median step':>13}{'x none':>9}{'blocked/save':>14}{'wall':>9}{'x none':>9}")
+    t = report.Table(f"state: {base['state_mib']:.0f} MiB (model + AdamW moments), {args.steps} steps, "
+                     f"checkpoint every {args.every}",
+                     ["mode", "median step", "x none", "blocked/save", "wall", "x none"])
     for r in rows:
-        print(f"{r['mode']:<12}{r['median_step_s'] * 1e3:>11.1f}ms{r['median_step_s'] / base['median_step_s']:>9.2f}"
-              f"{r['blocked_per_save_s'] * 1e3:>12.1f}ms{r['wall_s']:>8.2f}s{r['wall_s'] / base['wall_s']:>9.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        t.add([r["mode"], report.fmt_ms(r["median_step_s"]),
+               report.fmt_ratio(report.ratio(r["median_step_s"], base["median_step_s"])),
+               report.fmt_ms(r["blocked_per_save_s"]), f"{r['wall_s']:.2f}s",
+               report.fmt_ratio(report.ratio(r["wall_s"], base["wall_s"]))])
+    report.emit(args, [t], rows)
     return 0
 
 

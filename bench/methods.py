@@ -1,261 +1,47 @@
-"""Save methods compared by ``bench/throughput.py``: raw limits, the torch peers and zckpt.
+"""Every save method the bench compares, in one registry: raw limits, torch peers, zckpt.
 
-Every method implements :class:`Method`: ``start()`` builds whatever it keeps between
-saves (timed as start-up), ``save()`` starts one save and returns a :class:`Pending`
-that tells the runner when the caller may mutate its tensors again and when the
-method's own work is finished, ``load()`` reads a checkpoint back for the
-correctness check, and ``close()`` / ``kill()`` release everything it started.
+A method is a :class:`Method` subclass with four steps:
 
-The helpers at the top build the synthetic state dict and compare state dicts; they
-are shared by the runner and the methods. Nothing here prints: the runner reports.
+- set-up: ``start(sd)`` builds whatever it keeps between saves (timed as start-up);
+- save: ``save(sd, path)`` starts one save and returns a :class:`Pending`;
+- wait: ``Pending.wait()`` tells when the caller may mutate its tensors again
+  (``staged``) and when the method's own work is finished (``done``); ``bench_fsync``
+  then makes the output durable for methods that do not fsync themselves;
+- teardown: ``close()`` (graceful, bounded by the runner) and ``kill()`` (forceful).
+
+``load(path, expected)`` reads a checkpoint back for the correctness check. The
+:data:`REGISTRY` lists every method with its name and group (``raw``, ``peers``,
+``zckpt``); scripts pick them with :func:`select` and build them with
+:func:`make_method`. Nothing here prints: the scripts report through ``report.py``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
-import math
 import os
-import signal
+import re
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# ----------------------------------------------------------------------------------
-# Synthetic state dict and tree helpers
-# ----------------------------------------------------------------------------------
-
-StateDict = dict[str, Any]
-
-
-def make_state_dict(size_bytes: int, seed: int = 0, n_layers: int = 8) -> StateDict:
-    """Build a deterministic, transformer-shaped nested state dict of about ``size_bytes``.
-
-    Per layer: four d x d fp32 attention matrices and two 4d x d bf16 MLP matrices
-    (32 d^2 bytes together), eleven small fp32/bf16 vectors and one 0-dim tensor; an
-    fp32 embedding takes up the rest of the byte budget, plus a final norm. A few
-    Python scalars sit beside the tensors, as a trainer's step counters would.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # Generate in fp32 and convert, so the values do not depend on whether this
-        # torch build has a native bf16 randn kernel.
-        t = torch.randn(*shape, generator=gen, dtype=torch.float32)
-        return t if dtype == torch.float32 else t.to(dtype)
-
-    # Hidden size from the budget: the large matrices dominate, so size them first
-    # and give whatever is left to the embedding (keeps the total close to the ask).
-    d = max(16, int(math.sqrt(size_bytes / (32 * n_layers))) // 16 * 16)
-    model: dict[str, torch.Tensor] = {}
-    for i in range(n_layers):
-        p = f"layers.{i}."
-        for name in ("wq", "wk", "wv", "wo"):
-            model[p + f"attn.{name}.weight"] = randn(d, d)
-            model[p + f"attn.{name}.bias"] = randn(d)
-        model[p + "attn.temperature"] = randn(())  # 0-dim tensor: an edge case for writers
-        model[p + "ln1.weight"] = randn(d)
-        model[p + "ln1.bias"] = randn(d)
-        model[p + "mlp.w1.weight"] = randn(4 * d, d, dtype=torch.bfloat16)
-        model[p + "mlp.w1.bias"] = randn(4 * d, dtype=torch.bfloat16)
-        model[p + "mlp.w2.weight"] = randn(d, 4 * d, dtype=torch.bfloat16)
-        model[p + "mlp.w2.bias"] = randn(d, dtype=torch.bfloat16)
-        model[p + "ln2.weight"] = randn(d)
-        model[p + "ln2.bias"] = randn(d)
-    model["norm.weight"] = randn(d)
-    model["norm.bias"] = randn(d)
-    used = sum(t.numel() * t.element_size() for t in model.values())
-    rows = max(1, (size_bytes - used) // (d * 4))
-    model = {"embed.weight": randn(rows, d), **model}
-    meta = {"step": 1000 + seed, "epoch": 3, "lr": 3.0e-4, "loss_scale": 65536.0}
-    return {"model": model, "meta": meta}
-
-
-def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(dotted key, tensor)`` for every tensor in a nested dict/list/tuple."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from iter_tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from iter_tensors(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Rebuild a nested dict/list/tuple with ``fn`` applied to every tensor."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [map_tensors(v, fn) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(map_tensors(v, fn) for v in obj)
-    return obj
-
-
-def clone_state_dict(sd: StateDict) -> StateDict:
-    """Deep copy: fresh (non-shared) memory for every tensor, same values."""
-    return map_tensors(sd, lambda t: t.clone())
-
-
-def copy_into(dst: StateDict, src: StateDict) -> None:
-    """Copy ``src``'s tensor values into ``dst``'s tensors in place (same structure)."""
-    for (_, d), (_, s) in zip(iter_tensors(dst), iter_tensors(src), strict=True):
-        d.copy_(s)
-
-
-def mutate_in_place(sd: StateDict, reverse: bool = True) -> None:
-    """Add 1 to every tensor in place: what a training step does to the weights.
-
-    Reverse order by default: a stager that copies in dict order and is still busy
-    when ``save()`` returns is then caught on the tensors it has not reached yet,
-    instead of being overtaken by a mutation loop that trails right behind it.
-    """
-    tensors = [t for _, t in iter_tensors(sd)]
-    with torch.no_grad():
-        for t in reversed(tensors) if reverse else tensors:
-            t.add_(1)
-
-
-def state_dict_nbytes(sd: StateDict) -> int:
-    """Bytes of tensor data in ``sd`` (what a checkpoint has to move)."""
-    return sum(t.numel() * t.element_size() for _, t in iter_tensors(sd))
-
-
-@dataclass
-class Comparison:
-    """Outcome of comparing a loaded state dict with the expected one."""
-
-    tensors_total: int
-    tensors_differing: int
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when every tensor and scalar matches and nothing is missing."""
-        return self.tensors_differing == 0 and not self.problems
-
-
-def compare(loaded: Any, expected: Any, prefix: str = "") -> Comparison:
-    """Compare every leaf: tensors with dtype, shape and ``torch.equal``; scalars with ==."""
-    out = Comparison(0, 0)
-    _compare(loaded, expected, prefix, out)
-    return out
-
-
-def _compare(loaded: Any, expected: Any, key: str, out: Comparison) -> None:
-    if isinstance(expected, torch.Tensor):
-        out.tensors_total += 1
-        if not isinstance(loaded, torch.Tensor):
-            out.tensors_differing += 1
-            out.problems.append(f"{key}: not a tensor ({type(loaded).__name__})")
-        elif loaded.dtype != expected.dtype or loaded.shape != expected.shape:
-            out.tensors_differing += 1
-            out.problems.append(
-                f"{key}: {loaded.dtype}{list(loaded.shape)} != "
-                f"{expected.dtype}{list(expected.shape)}"
-            )
-        elif not torch.equal(loaded.cpu(), expected):
-            out.tensors_differing += 1
-    elif isinstance(expected, dict):
-        if not isinstance(loaded, dict):
-            out.problems.append(f"{key or '<root>'}: not a dict")
-            out.tensors_total += sum(1 for _ in iter_tensors(expected))
-            out.tensors_differing += sum(1 for _ in iter_tensors(expected))
-            return
-        for k, v in expected.items():
-            sub = f"{key}.{k}" if key else str(k)
-            if k not in loaded:
-                out.problems.append(f"{sub}: missing")
-                n = sum(1 for _ in iter_tensors(v))
-                out.tensors_total += n
-                out.tensors_differing += n
-            else:
-                _compare(loaded[k], v, sub, out)
-        extra = set(loaded) - set(expected)
-        if extra:
-            out.problems.append(f"{key or '<root>'}: unexpected keys {sorted(map(str, extra))[:3]}")
-    elif isinstance(expected, (list, tuple)):
-        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(expected):
-            out.problems.append(f"{key}: sequence differs")
-            return
-        for i, (a, b) in enumerate(zip(loaded, expected, strict=False)):
-            _compare(a, b, f"{key}.{i}", out)
-    elif loaded != expected:
-        out.problems.append(f"{key}: {loaded!r} != {expected!r}")
-
-
-# ----------------------------------------------------------------------------------
-# Durability helpers
-# ----------------------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    """fsync one file or directory by path."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path, files: bool = True) -> None:
-    """fsync everything under ``root`` (files unless ``files=False``), its directories
-    bottom-up, ``root`` itself and its parent, so every name and byte is on disk."""
-    if root.is_dir():
-        for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-            if files:
-                for name in filenames:
-                    fsync_path(Path(dirpath, name))
-            fsync_path(Path(dirpath))
-    elif root.exists():
-        fsync_path(root)
-    fsync_path(root.parent)
-
-
-# ----------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------
-
-
-def proc_status_kib(pid: int | str, key: str) -> int | None:
-    """One ``kB`` field of ``/proc/<pid>/status`` (e.g. VmRSS, VmHWM), in KiB.
-
-    ``pid`` may be ``"self"``. None when the process is gone or the field is absent.
-    Shared-memory pages a process has touched count in its VmRSS/VmHWM (as RssShmem),
-    so a buffer mapped by several processes counts once in each of them.
-    """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(key.encode() + b":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def release_free_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back (glibc ``malloc_trim``),
-    so an RSS reading shows what is held rather than what the allocator cached."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except Exception:  # noqa: BLE001 - not glibc: the reading is only a little noisier
-        pass
-
+from bench.harness import (
+    StateDict,
+    clone_state_dict,
+    compare,
+    fsync_path,
+    fsync_tree,
+    iter_tensors,
+    make_state_dict,
+    map_tensors,
+    mutate_in_place,
+)
 
 # ----------------------------------------------------------------------------------
 # Completion handles
@@ -279,6 +65,10 @@ class Stamp:
             self._takes_timeout = "timeout" in inspect.signature(fut.result).parameters
         except (TypeError, ValueError):
             self._takes_timeout = True
+
+    def done(self) -> bool:
+        """Whether the wrapped future has completed (without waiting)."""
+        return bool(self._fut.done())
 
     def _on_done(self, _fut: Any) -> None:
         if self._t is None:
@@ -308,6 +98,20 @@ class Pending:
     staged: Stamp | None = None
     done: Stamp | None = None
 
+    def stamps(self) -> list[Stamp]:
+        """The handles there are to wait for."""
+        return [s for s in (self.staged, self.done) if s is not None]
+
+    def wait(self, t_returned: float, timeout: float) -> tuple[float, float]:
+        """Wait for both; return (when the caller may mutate, when the method is done).
+
+        The caller cannot mutate before the call returned, nor be done before it may
+        mutate: clamped so a callback that fired early cannot undercut that.
+        """
+        t_staged = t_returned if self.staged is None else max(t_returned, self.staged.wait(timeout))
+        t_done = t_staged if self.done is None else max(t_staged, self.done.wait(timeout))
+        return t_staged, t_done
+
 
 # ----------------------------------------------------------------------------------
 # Methods
@@ -318,6 +122,8 @@ class Method:
     """One way to save a state dict. Subclasses override what they need."""
 
     name: str = "?"
+    #: Registry group ("raw", "peers", "zckpt"); set by :func:`make_method`.
+    group: str = ""
     #: Who makes the output durable: "self" (the method fsyncs), "bench" (the bench
     #: fsyncs files and directories after the method finished), "dirs" (the method
     #: fsyncs its files, the bench the directories), "none" (nothing on disk).
@@ -355,6 +161,10 @@ class Method:
 
     def kill(self) -> None:
         """Forceful shutdown: must not block for long."""
+
+    def last_timings(self) -> dict[str, float]:
+        """Where the last save's time went, as the method reports it (zckpt: plan_s, ...)."""
+        return {}
 
 
 # --- raw limits ---------------------------------------------------------------------
@@ -446,7 +256,8 @@ class WriteFsync(Method):
         fd = os.open(path / "data.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for _key, t, _off, nbytes in self._layout:
-                mv = memoryview(_byte_view(t).numpy())
+                src = _byte_view(t)  # keeps the bytes alive while the view is written
+                mv = memoryview((ctypes.c_char * nbytes).from_address(src.data_ptr())).cast("B")
                 done = 0
                 while done < nbytes:  # os.write may write less than asked
                     done += os.write(fd, mv[done:])
@@ -678,8 +489,6 @@ class _FdToFile:
         self._saved: int | None = None
 
     def __enter__(self) -> _FdToFile:
-        import sys
-
         sys.stderr.flush()
         self._saved = os.dup(2)
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -688,8 +497,6 @@ class _FdToFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import sys
-
         sys.stderr.flush()
         if self._saved is not None:
             os.dup2(self._saved, 2)
@@ -851,6 +658,7 @@ class Zckpt(Method):
         self._async = async_staging
         self._pool: Any = None
         self._zckpt: Any = None
+        self._last: Any = None
 
     def start(self, sd: StateDict) -> None:
         try:
@@ -873,12 +681,16 @@ class Zckpt(Method):
 
     def save(self, sd: StateDict, path: Path) -> Pending:
         fut = self._pool.save(sd, str(path))
+        self._last = fut
         # With async staging, fut.staged resolves after save() returned: snapshot_s
         # is measured from it, never from the return of save().
         return Pending(staged=Stamp(fut.staged), done=Stamp(fut))
 
     def load(self, path: Path, expected: StateDict) -> Any:
         return self._zckpt.load(str(path))
+
+    def last_timings(self) -> dict[str, float]:
+        return dict(getattr(self._last, "timings", None) or {})
 
     def child_pids(self) -> list[int]:
         try:
@@ -901,64 +713,124 @@ class Unavailable(RuntimeError):
     """A method that cannot run here at all (e.g. zckpt not importable yet)."""
 
 
+
 # ----------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------
 
-#: Every method name, in the order the table lists them.
-METHOD_NAMES: tuple[str, ...] = (
-    "memcpy_warm",
-    "write_fsync",
-    "torch_save",
-    "checkpoint_process",
-    "checkpoint_process_shm",
-    "async_checkpointer",
-    "dcp_thread",
-    "dcp_process",
-    "zckpt_1",
-    "zckpt_2",
-    "zckpt_4",
-    "zckpt_2_async",
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered method: its name, its group, and how to build it (given the
+    run's log directory)."""
+
+    name: str
+    group: str
+    build: Callable[[Path], Method]
+
+
+#: Every method, in the order the tables list them.
+REGISTRY: tuple[Entry, ...] = (
+    Entry("memcpy_warm", "raw", lambda _log: MemcpyWarm()),
+    Entry("write_fsync", "raw", lambda _log: WriteFsync()),
+    Entry("torch_save", "peers", lambda _log: TorchSave()),
+    Entry("checkpoint_process", "peers", lambda _log: ExperimentalCheckpointProcess(shared=False)),
+    Entry("checkpoint_process_shm", "peers", lambda _log: ExperimentalCheckpointProcess(shared=True)),
+    Entry("async_checkpointer", "peers", lambda _log: ExperimentalAsyncCheckpointer()),
+    Entry("dcp_thread", "peers", lambda log: DcpAsyncSave(process=False, log_dir=log)),
+    Entry("dcp_process", "peers", lambda log: DcpAsyncSave(process=True, log_dir=log)),
+    Entry("zckpt_1", "zckpt", lambda _log: Zckpt(1)),
+    Entry("zckpt_2", "zckpt", lambda _log: Zckpt(2)),
+    Entry("zckpt_4", "zckpt", lambda _log: Zckpt(4)),
+    Entry("zckpt_2_async", "zckpt", lambda _log: Zckpt(2, async_staging=True)),
 )
 
-#: Group names accepted by ``--methods``.
+_BY_NAME = {e.name: e for e in REGISTRY}
+
+#: Every registered method name, in table order.
+METHOD_NAMES: tuple[str, ...] = tuple(e.name for e in REGISTRY)
+
+#: Group names accepted by ``--methods``; "all" is every registered method.
 METHOD_GROUPS: dict[str, tuple[str, ...]] = {
-    "raw": ("memcpy_warm", "write_fsync"),
-    "zckpt": ("zckpt_1", "zckpt_2", "zckpt_4", "zckpt_2_async"),
-    "peers": ("torch_save", "checkpoint_process", "checkpoint_process_shm",
-              "async_checkpointer", "dcp_thread", "dcp_process"),
+    **{g: tuple(e.name for e in REGISTRY if e.group == g) for g in dict.fromkeys(e.group for e in REGISTRY)},
     "all": METHOD_NAMES,
 }
 
+#: zckpt with any worker count: ``zckpt_<N>`` or ``zckpt_<N>_async``.
+_ZCKPT_NAME = re.compile(r"zckpt_([1-9][0-9]*)(_async)?")
+
+
+def _entry(name: str) -> Entry | None:
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    m = _ZCKPT_NAME.fullmatch(name)
+    if m:
+        n, is_async = int(m.group(1)), m.group(2) is not None
+        return Entry(name, "zckpt", lambda _log: Zckpt(n, async_staging=is_async))
+    return None
+
 
 def make_method(name: str, log_dir: Path) -> Method:
-    """Instantiate the method called ``name`` (see :data:`METHOD_NAMES`)."""
-    if name == "memcpy_warm":
-        return MemcpyWarm()
-    if name == "write_fsync":
-        return WriteFsync()
-    if name == "torch_save":
-        return TorchSave()
-    if name == "checkpoint_process":
-        return ExperimentalCheckpointProcess(shared=False)
-    if name == "checkpoint_process_shm":
-        return ExperimentalCheckpointProcess(shared=True)
-    if name == "async_checkpointer":
-        return ExperimentalAsyncCheckpointer()
-    if name == "dcp_thread":
-        return DcpAsyncSave(process=False, log_dir=log_dir)
-    if name == "dcp_process":
-        return DcpAsyncSave(process=True, log_dir=log_dir)
-    if name.startswith("zckpt_"):
-        # zckpt_<N> or zckpt_<N>_async
-        parts = name.split("_")
-        if len(parts) in (2, 3) and parts[1].isdigit() and parts[2:] in ([], ["async"]):
-            return Zckpt(int(parts[1]), async_staging=len(parts) == 3)
-    raise ValueError(f"unknown method {name!r}")
+    """Instantiate the method called ``name`` (a :data:`REGISTRY` name, or
+    ``zckpt_<N>[_async]`` for any worker count)."""
+    entry = _entry(name)
+    if entry is None:
+        raise ValueError(f"unknown method {name!r}")
+    method = entry.build(log_dir)
+    method.group = entry.group
+    return method
+
+
+def select(text: str | None, default: str | None = None) -> list[str]:
+    """Expand a comma list of method and group names (``default`` when empty).
+
+    Registered names come in table order; extra ``zckpt_<N>`` names follow in the
+    order given. Raises ValueError naming the choices for an unknown name.
+    """
+    text = text or default
+    if not text:
+        return list(METHOD_NAMES)
+    wanted: list[str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item in METHOD_GROUPS:
+            wanted.extend(METHOD_GROUPS[item])
+        elif _entry(item) is not None:
+            wanted.append(item)
+        else:
+            raise ValueError(
+                f"unknown method {item!r}; choose from {', '.join(METHOD_NAMES)} "
+                f"(or zckpt_<N>[_async]) or groups {', '.join(METHOD_GROUPS)}"
+            )
+    wanted = list(dict.fromkeys(wanted))
+    return [m for m in METHOD_NAMES if m in wanted] + [m for m in wanted if m not in _BY_NAME]
+
+
+def bench_fsync(method: Method, path: Path) -> float:
+    """Make ``path`` durable for a method that does not fsync (all of it) or fsyncs
+    only its files (the directories); return the seconds it took (0 otherwise)."""
+    if method.fsync not in ("bench", "dirs"):
+        return 0.0
+    t0 = time.perf_counter()
+    fsync_tree(path, files=method.fsync == "bench")
+    return time.perf_counter() - t0
+
+
+def fsync_note(method: Method) -> str:
+    """The method's note plus who makes its output durable (the table's note column)."""
+    who = {
+        "bench": "fsync by bench",
+        "dirs": "dir fsync by bench",
+        "self": "fsyncs itself",
+        "none": "no disk",
+    }[method.fsync]
+    return "; ".join(p for p in (method.note, who) if p)
 
 
 def isolated_tearing_run(name: str, size_bytes: int, seed: int, work_dir: str, conn: Any) -> None:
-    """Tearing run of one method inside a throw-away process (multiprocessing target).
+    """Tearing run of one method inside a throw-away process (target of
+    :func:`bench.harness.run_isolated`).
 
     Sends ``("pids", [...])`` once the method has started (so the parent can kill the
     method's own workers if this process dies), then ``("result", differing, total)``
@@ -980,12 +852,9 @@ def isolated_tearing_run(name: str, size_bytes: int, seed: int, work_dir: str, c
         sd = method.state_dict_for_save(base)
         path = Path(work_dir) / "ckpt"
         pending = method.save(sd, path)
+        t_ret = time.perf_counter()
         mutate_in_place(sd)
-        deadline = 120.0 + size_bytes / 20e6
-        if pending.staged is not None:
-            pending.staged.wait(deadline)
-        if pending.done is not None:
-            pending.done.wait(deadline)
+        pending.wait(t_ret, 120.0 + size_bytes / 20e6)
         cmp = compare(method.load(path, ref), ref)
         conn.send(("result", cmp.tensors_differing, cmp.tensors_total))
     except Exception as e:  # noqa: BLE001 - reported to the parent
@@ -997,72 +866,3 @@ def isolated_tearing_run(name: str, size_bytes: int, seed: int, work_dir: str, c
             except Exception:  # noqa: BLE001 - the parent kills what is left
                 method.kill()
         conn.close()
-
-
-def set_child_subreaper() -> bool:
-    """Make this process adopt its orphaned descendants (Linux PR_SET_CHILD_SUBREAPER).
-
-    If a process the bench started dies abruptly, its own workers are re-parented to
-    the bench instead of init, so the bench can still kill and reap them.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0  # 36 = PR_SET_CHILD_SUBREAPER
-    except Exception:  # noqa: BLE001 - not Linux, or no prctl: fall back to tracking
-        return False
-
-
-def our_children() -> list[tuple[int, str]]:
-    """(pid, state) of every direct child of this process, from /proc."""
-    me = os.getpid()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        rest = stat.rsplit(")", 1)[-1].split()
-        if len(rest) >= 2 and int(rest[1]) == me:
-            out.append((int(entry), rest[0]))
-    return out
-
-
-def reap(pid: int, timeout: float = 5.0) -> bool:
-    """waitpid ``pid`` (a child we killed or adopted) for up to ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return True
-        if done:
-            return True
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-
-
-def kill_pid_if_our_child(pid: int) -> bool:
-    """SIGKILL ``pid`` only if it is still alive and still this process's child.
-
-    Checking the parent guards against a recycled pid. Returns True if a signal was sent.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return False
-    # Fields after the parenthesised command: state, ppid, ...
-    rest = stat.rsplit(")", 1)[-1].split()
-    if len(rest) < 2 or rest[0] in ("Z", "X") or int(rest[1]) != os.getpid():
-        return False
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    return True
