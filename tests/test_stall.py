@@ -7,11 +7,11 @@ import signal
 
 import pytest
 import torch
-from _stall_writers import HalfThenGateWriter, TricklingWriter
 
 import zckpt
 from zckpt import PoolConfig
 
+from _stall_writers import HalfThenGateWriter, TricklingWriter
 from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
