@@ -88,3 +88,12 @@ def test_objects_are_never_reused(make_pool, tmp_path, monkeypatch):
         pool.save({"h": Holder(torch.ones(2) * i, i)}, tmp_path / f"c{i}").result(timeout=60)
     assert len(plans) == 2
     assert zckpt.load(tmp_path / "c1", weights_only=False)["h"].y == 1
+
+
+def test_nesting_deeper_than_the_recursion_limit_is_planned_afresh():
+    from zckpt.tree import structure_key
+    deep: dict = {"t": torch.ones(1)}
+    for _ in range(5000):
+        deep = {"d": deep}
+    assert structure_key(deep) is None
+    assert structure_key({"a": [torch.ones(1)], "b": {"c": 1}}) is not None
