@@ -369,7 +369,7 @@ def test_a_manifest_that_is_not_sealed_is_refused(tmp_path):
 # --- the records a save plans, and checkpoints on disk (needs torch and a pool) ---------------------
 def test_a_saved_checkpoint_round_trips_and_a_plans_records_match_it(make_pool, tmp_path):
     torch = pytest.importorskip("torch")
-    from zckpt.plan import collect_storages, manifest_records, plan_records, plan_save
+    from zckpt.plan import collect_storages, plan_records, plan_save
     from zckpt.tree import Collector
 
     w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
@@ -388,7 +388,6 @@ def test_a_saved_checkpoint_round_trips_and_a_plans_records_match_it(make_pool, 
     st_recs, t_recs = plan_records(plan)
     assert all(isinstance(r, StorageRecord) for r in st_recs) and all(isinstance(r, TensorRecord) for r in t_recs)
     assert tuple(t_recs) == m.tensors and [s.nbytes for s in st_recs] == [s.nbytes for s in m.storages]
-    assert manifest_records(plan) == ([s.to_json() for s in st_recs], [t.to_json() for t in t_recs])
     assert m.tensors[4].param and m.tensors[2].conj
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -26,8 +25,7 @@ from .format import build_header, dtype_name, safetensors_code, shard_name
 from .manifest import PartRecord, StorageRecord, TensorRecord, frozen_path
 from .tree import Collector, KeyPath, display_path, encode_path
 
-__all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save", "plan_records",
-           "manifest_records"]
+__all__ = ["StorageInfo", "TensorInfo", "Piece", "ShardPlan", "SavePlan", "plan_save", "plan_records"]
 
 _SPLIT_ALIGN = 4096  # byte ranges of split storages start on page boundaries
 # Below this a storage is never split: the parallelism gained is smaller than the cost
@@ -224,11 +222,3 @@ def plan_records(plan: SavePlan) -> tuple[list[StorageRecord], list[TensorRecord
         offset=t.storage_offset, param=t.is_param, requires_grad=t.requires_grad, conj=t.conj, neg=t.neg,
     ) for t in plan.tensors]
     return storages, tensors
-
-
-def manifest_records(plan: SavePlan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The manifest's "storages" and "tensors" lists as JSON dicts: :func:`plan_records`'
-    records' ``to_json()``. Transitional, for a caller that still assembles the body by
-    hand; :func:`zckpt.manifest.build_manifest` takes the records themselves."""
-    storages, tensors = plan_records(plan)
-    return [s.to_json() for s in storages], [t.to_json() for t in tensors]

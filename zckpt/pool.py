@@ -5,7 +5,7 @@ Who talks to whom::
     trainer thread             supervisor thread (one)           worker processes (N)
     ──────────────             ───────────────────────           ────────────────────
     pool.save(sd, path)
-      flatten + plan
+      walk + pickle + plan (or reuse)
       copy into arena  ──shm─────────────────────────────────▶  mapped once, reused
       fut.staged done
       submit(jobs) ──queue+wake──▶ ROUTER ──JOB(handles)──▶   write shard (O_DIRECT),
