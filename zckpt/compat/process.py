@@ -1,40 +1,7 @@
-"""Drop-in replacement for ``torch.distributed.checkpoint._experimental``'s CheckpointProcess.
-
-Switch with one import::
-
-    # from torch.distributed.checkpoint._experimental.checkpoint_process import ...
-    from zckpt.compat import CheckpointProcess, CheckpointProcessConfig, RankInfo, ...
-
-Same constructor arguments, defaults and behaviour as torch 2.13: the constructor
-returns at once and ``process_creation_future`` resolves when the worker has run its
-init (``TimeoutError`` past ``subprocess_init_timeout_secs``, ``RuntimeError`` if init
-or the writer factory raised); ``write()`` returns a ``Future``; the writer in the worker
-receives tensors in shared memory (``is_shared()``), and tensors the caller already put
-in shared memory are the very same memory (no copy: the caller must not mutate them
-until the future resolves); ``close()`` terminates gracefully, then kills;
-``process.processes[0]`` has ``pid``, ``is_alive()`` and ``kill()``; a dead worker makes
-``write()`` fail with ``RuntimeError("Child process terminated unexpectedly ...")``.
-
-Deliberate differences from torch:
-
-- It runs on zckpt's pool: a ZeroMQ control plane with heartbeats, a memfd staging
-  arena, a worker that starts without importing torch until its writer needs it.
-- A tensor that is not yet in shared memory is copied into the reusable arena, instead
-  of being moved into freshly allocated shared memory in place (which costs page
-  faults on every save and changes the caller's tensor). Each storage gets a segment of
-  its own (page-rounded, reused from write to write), mapped in the worker as a shared
-  storage of exactly the caller's size: the writer sees what the original's sees, and
-  ``torch.save`` writes the same file. The trainer holds one fd per staged storage.
-- ``close()`` is bounded by ``subprocess_shutdown_timeout_secs`` even when a write hangs
-  (the original waits for the write forever).
-- ``CheckpointWriter`` fsyncs the file it writes (the original does not).
-- Errors are zckpt errors too (``ChildProcessTerminatedError`` is a ``RuntimeError`` and a
-  :class:`zckpt.WorkerDiedError`), and carry the worker's traceback as ``__cause__``.
-"""
+"""The checkpoint process: torch's ``CheckpointProcess`` API on a one-worker zckpt pool."""
 
 from __future__ import annotations
 
-import abc
 import functools
 import logging
 import mmap
@@ -45,154 +12,22 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import Enum
-from pathlib import Path
 from typing import Any
 
-import torch
+from .. import protocol as P
+from .._proc import kill_quietly
+from ..config import PoolConfig
+from ..errors import WorkerInitError
+from ..pool import CheckpointPool
+from ..stager import layout_state, stage_state, tensor_specs
+from ..supervisor import ShardJob
+from ..tree import Collector, dump_skeleton, gc_paused
+from .errors import CheckpointWriteError, compat_error
+from .types import CheckpointProcessConfig, RankInfo
 
-from . import protocol as P
-from ._proc import kill_quietly
-from .config import PoolConfig
-from .errors import PoolClosedError, WorkerDiedError, WorkerInitError, ZckptError
-from .pool import CheckpointPool
-from .stager import layout_state, stage_state, tensor_specs
-from .supervisor import ShardJob
-from .tree import Collector, dump_skeleton, gc_paused
-
-__all__ = [
-    "CheckpointProcess", "CheckpointProcessConfig", "RequestType", "WorkerRequest", "WorkerResponse",
-    "CheckpointWriter", "CheckpointWriterConfig", "WriterHook", "RankInfo", "STATE_DICT",
-    "ChildProcessTerminatedError", "CheckpointWriteError",
-]
+__all__ = ["CheckpointProcess"]
 
 logger = logging.getLogger(__name__)
-
-STATE_DICT = dict[str, Any]
-
-
-# --- the original's data types ----------------------------------------------------------
-@dataclass
-class RankInfo:
-    """Rank of this process and the world size (passed to the writer as ``rank_info``)."""
-
-    global_rank: int
-    global_world_size: int
-
-
-@dataclass
-class CheckpointProcessConfig:
-    """Timeouts of the checkpoint process, in seconds (same defaults as torch)."""
-
-    subprocess_init_timeout_secs: int = 30
-    subprocess_shutdown_timeout_secs: int = 60
-
-
-class RequestType(Enum):
-    PING = "ping"
-    WRITE_CHECKPOINT = "write_checkpoint"
-    TERMINATE_PROCESS = "exit"
-
-
-@dataclass
-class WorkerRequest:
-    """A request to the worker (kept for API compatibility; zckpt's wire format differs)."""
-
-    request_type: RequestType
-    payload: dict[str, Any]
-
-
-@dataclass
-class WorkerResponse:
-    request_type: RequestType
-    success: bool
-    error_msg: str | None = None
-    payload: dict[str, Any] | None = None
-
-
-@dataclass
-class CheckpointWriterConfig:
-    """Options of :class:`CheckpointWriter` (same default as torch)."""
-
-    write_barrier_timeout_secs: int = 600
-
-
-class WriterHook(abc.ABC):
-    """Callbacks around a checkpoint commit."""
-
-    @abc.abstractmethod
-    def pre_commit(self, path: str, **kwargs: Any) -> None:
-        """Runs after the file is written, before the barrier."""
-
-    @abc.abstractmethod
-    def post_commit(self, path: str, **kwargs: Any) -> None:
-        """Runs after the barrier."""
-
-
-class CheckpointWriter:
-    """Writes ``<path>/checkpoint_<rank>.pt`` with ``torch.save``, then fsyncs it.
-
-    Args:
-        config: writer options.
-        rank_info: this process's rank (names the file).
-        barrier: optional object with ``execute_barrier()``, run between the hooks.
-        commit_hook: optional :class:`WriterHook`.
-    """
-
-    def __init__(self, config: CheckpointWriterConfig, rank_info: RankInfo, barrier: Any = None,
-                 commit_hook: WriterHook | None = None) -> None:
-        self._config = config
-        self._rank_info = rank_info
-        self._barrier = barrier
-        self._commit_hook = commit_hook
-
-    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future | None:
-        full_path = Path(path) / f"checkpoint_{self._rank_info.global_rank}.pt"
-        os.makedirs(full_path.parent, exist_ok=True)
-        # By name, as the original does: torch.save names the zip's root after the file
-        # ("checkpoint_0/"), so the file is the original's byte for byte; then fsync it.
-        torch.save(state_dict, str(full_path))
-        fd = os.open(full_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self._commit_hook is not None:
-            self._commit_hook.pre_commit(path, **kwargs)
-        if self._barrier is not None:
-            self._barrier.execute_barrier()
-        if self._commit_hook is not None:
-            self._commit_hook.post_commit(path, **kwargs)
-        logger.info("wrote checkpoint %s", full_path)
-        return None
-
-    def close(self) -> None:
-        """Release resources (nothing to release here)."""
-
-
-# --- errors ---------------------------------------------------------------------------------
-class ChildProcessTerminatedError(WorkerDiedError, RuntimeError):
-    """The checkpoint process died (the original raises a plain ``RuntimeError``)."""
-
-
-class CheckpointWriteError(ZckptError, RuntimeError):
-    """The worker's writer or init raised; ``__cause__`` holds the remote error."""
-
-
-def _compat_error(exc: BaseException) -> BaseException:
-    died = exc if isinstance(exc, WorkerDiedError) else None
-    if isinstance(exc, PoolClosedError) and isinstance(exc.__cause__, WorkerDiedError):
-        died = exc.__cause__
-    if died is not None:
-        err: BaseException = ChildProcessTerminatedError(f"Child process terminated unexpectedly: {died}")
-    elif isinstance(exc, (TimeoutError, PoolClosedError)):
-        return exc
-    else:
-        remote = getattr(exc.__cause__, "tb", None) or str(exc)
-        err = CheckpointWriteError(f"Unexpected response from worker process: {remote}")
-    err.__cause__ = exc
-    return err
 
 
 # --- the pool underneath ----------------------------------------------------------------------
@@ -361,7 +196,7 @@ class CheckpointProcess:
             fut = pool.write_state(sd, os.fspath(path), kwargs)
             fut.result()
         except BaseException as exc:  # noqa: BLE001
-            raise _compat_error(exc) from exc.__cause__
+            raise compat_error(exc) from exc.__cause__
 
     def close(self) -> None:
         """Terminate the worker gracefully; kill it past ``subprocess_shutdown_timeout_secs``."""
