@@ -454,13 +454,16 @@ def test_one_staging_buffer_waits_for_the_write_with_a_deadline(make_pool, tmp_p
     gate.mkdir()
     from _writers import GateWriter
     from conftest import wait_until
-    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, staging_buffers=1, save_timeout_s=30.0),
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, staging_buffers=1, save_timeout_s=30.0,
+                                       buffer_wait_timeout_s=0.3),
                      writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
     first = pool.save({"a": torch.ones(1000)}, tmp_path / "s1")
     wait_until(lambda: any(f.startswith("started") for f in os.listdir(gate)), 30, "the first write")
-    # The buffer is busy until the first save is written: a short deadline expires.
-    with pytest.raises(TimeoutError, match="no staging buffer came free"):
-        pool._arena.acquire([4096], timeout_s=0.2)
+    # The buffer is busy until the first save is written: the buffer wait has its own
+    # deadline (0.3 s here), not the save's hour.
+    with pytest.raises(TimeoutError, match="buffer_wait_timeout_s"):
+        pool.save({"a": torch.ones(1000)}, tmp_path / "waits")
+    assert pool.stats.saves_failed == 1 and not os.path.exists(tmp_path / "waits")
     (gate / "open").touch()
     first.result(timeout=60)
     pool.save({"a": torch.ones(1000)}, tmp_path / "s2").result(timeout=60)

@@ -125,8 +125,8 @@ class Arena:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no staging buffer came free within {timeout_s:.1f}s: "
-                                       "earlier saves are still being written")
+                    raise TimeoutError(f"no staging buffer came free within {timeout_s:.1f}s "
+                                       "(buffer_wait_timeout_s): earlier saves are still being written")
                 self._cond.wait(left)
         try:
             self._grow(bufset, sizes, pin)

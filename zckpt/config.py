@@ -54,6 +54,10 @@ class PoolConfig:
         save_timeout_s: A save not committed within this fails with ``TimeoutError``;
             the workers still busy with it are killed and replaced (a hung writer
             cannot wedge the pool).
+        buffer_wait_timeout_s: How long ``save()`` waits for a free staging buffer
+            while every buffer set is still being written by earlier saves; past it,
+            ``save()`` raises ``TimeoutError`` naming the wait. Earlier saves end within
+            ``save_timeout_s``, so a longer wait than that never helps.
         replace_dead_workers: Start a replacement when a worker dies, so the next
             save works. When false, a death breaks the pool (compat semantics).
         staging_buffers: Sets of staging buffers. 1 bounds shared memory to one copy of
@@ -85,6 +89,7 @@ class PoolConfig:
     shutdown_timeout_s: float = 60.0
     orphan_timeout_s: float = 60.0
     save_timeout_s: float = 3600.0
+    buffer_wait_timeout_s: float = 3600.0
     stall_timeout_s: float = 30.0
     replace_dead_workers: bool = True
     staging_buffers: int = 1
@@ -103,7 +108,7 @@ class PoolConfig:
         _check_int(self, "staging_buffers", 1, 8)
         _check_int(self, "write_chunk_bytes", 4096, 1 << 34)
         for name in ("heartbeat_interval_s", "init_timeout_s", "shutdown_timeout_s",
-                     "orphan_timeout_s", "save_timeout_s", "stall_timeout_s"):
+                     "orphan_timeout_s", "save_timeout_s", "stall_timeout_s", "buffer_wait_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"PoolConfig.{name} must be a positive number of seconds, got {value!r}")

@@ -426,7 +426,7 @@ class CheckpointPool:
         return plan, tree, sources
 
     def _acquire(self, plan: SavePlan) -> BufferSet:
-        return self._arena.acquire([s.nbytes for s in plan.shards], self.config.save_timeout_s,
+        return self._arena.acquire([s.nbytes for s in plan.shards], self.config.buffer_wait_timeout_s,
                                    pin=_needs_pinning(plan))
 
     def _make_temp_dirs(self, finals: list[str]) -> list[str]:

@@ -48,7 +48,7 @@ class _StatePool(CheckpointPool):
             tree = dump_skeleton(state_dict, collector, by_value=True)
         slots, sizes, refs = layout_state(collector.storages)
         pin = any(st.device.type == "cuda" for st, _ in collector.storages)
-        bufset = self._arena.acquire(sizes, self.config.save_timeout_s, pin=pin)
+        bufset = self._arena.acquire(sizes, self.config.buffer_wait_timeout_s, pin=pin)
         try:
             storages = stage_state(collector.storages, slots, refs, bufset)
             tensors = tensor_specs(collector)
