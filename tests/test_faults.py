@@ -283,3 +283,22 @@ def test_stale_socket_directories_are_swept(tmp_path):
     pool = zckpt.CheckpointPool(num_workers=1, config=PoolConfig(**FAST))
     pool.close()
     assert not os.path.exists(stale)
+
+
+def test_deaths_seen_before_the_kill_command_are_kills_not_crashes(make_pool, tmp_path):
+    """Was: kill() signalled the workers before telling the supervisor, which could see the
+    deaths first and take them for crashes: the save in flight failed with WorkerDiedError
+    and replacements were spawned during the kill (1 kill() in 5 under load). Here the
+    supervisor is told (as kill_now does, first) and the signal lands before any command."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST), writer_factory=GateWriter,
+                     writer_kwargs={"gate_dir": str(gate)})
+    fut = pool.save({"a": torch.ones(8)}, tmp_path / "c")
+    wait_until(lambda: glob.glob(str(gate / "started-*")), 30, "the gated write")
+    pool._supervisor._kill_requested.set()
+    os.kill(pool.worker_pids[0], signal.SIGKILL)
+    with pytest.raises(zckpt.PoolClosedError, match="killed"):
+        fut.result(timeout=30)
+    assert pool.stats.worker_restarts == 0
+    pool.kill()

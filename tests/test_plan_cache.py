@@ -21,7 +21,7 @@ def base():
     od = collections.OrderedDict(w=w, b=torch.zeros(4))
     od._metadata = collections.OrderedDict({"": {"version": 1}})
     return {"model": od, "tied": w, "step": 1, "name": "run", "opt": [torch.ones(2, dtype=torch.int64)],
-            "stats": collections.defaultdict(list)}
+            "stats": collections.defaultdict(list), "lr": 0.0, (1, 2): 5}
 
 
 def variants():
@@ -48,7 +48,18 @@ def variants():
         ("metadata", tweak(lambda sd: sd["model"]._metadata[""].update(version=2))),
         ("same-object", tweak(lambda sd: sd.update(opt=[sd["opt"][0], sd["opt"][0]]))),
         ("requires-grad", tweak(lambda sd: sd["model"]["b"].requires_grad_(True))),
+        # Equal under == but not the same value once pickled (found by review):
+        ("negative-zero", tweak(lambda sd: sd.update(lr=-0.0))),
+        ("tuple-key-element-type", lambda: _rekey(base(), (1, 2), (1.0, 2))),   # same place, equal key
+        ("metadata-value-type", tweak(lambda sd: sd["model"]._metadata[""].update(version=True))),
+        ("metadata-entry-type", tweak(lambda sd: sd["model"]._metadata.update(
+            {"": collections.OrderedDict(version=1)}))),
     ]
+
+
+def _rekey(sd, old, new):
+    """``sd`` with key ``old`` replaced by ``new`` in the same place (update() keeps an equal key)."""
+    return {(new if type(k) is type(old) and k == old else k): v for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("name, factory", variants(), ids=[n for n, _ in variants()])
@@ -69,6 +80,9 @@ def test_a_changed_structure_is_planned_afresh_and_values_alone_reuse_the_plan(m
         for kk in want[k]:
             same_tensor(back[k][kk], want[k][kk], f"{name}: {k}.{kk}")
     assert back["model"]._metadata == want["model"]._metadata
+    assert repr(back["model"]._metadata) == repr(want["model"]._metadata)   # types too: True vs 1
+    assert [(type(k), repr(k)) for k in back] == [(type(k), repr(k)) for k in want]
+    assert repr(back.get("lr")) == repr(want.get("lr"))                        # -0.0 vs 0.0
     assert type(back["stats"]) is type(want["stats"]) and back["stats"].default_factory is want["stats"].default_factory
     assert [type(x) for x in (back["opt"],)] == [type(want["opt"])]
     assert (back["tied"].untyped_storage()._cdata == back["model"]["w"].untyped_storage()._cdata) == \

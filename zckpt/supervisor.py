@@ -199,6 +199,7 @@ class Supervisor(threading.Thread):
         self._secret = secrets.token_bytes(P.SECRET_BYTES)
         self._peers: dict[bytes, _Slot] = {}   # current routing ids -> slot (exact match only)
         self._dropped = 0                      # since the last summary line
+        self._kill_requested = threading.Event()  # kill_now() called (before its signals land)
         self.dropped_frames = 0                # in all (for stats and tests)
         self._drop_logged_at = 0.0
         self.restarts = 0
@@ -213,6 +214,10 @@ class Supervisor(threading.Thread):
 
     def kill_now(self) -> None:
         """SIGKILL every worker from the calling thread, then let the loop clean up."""
+        # Said before any signal: the loop may see the deaths before it reads the "kill"
+        # command, and must not take them for crashes (it replaced workers and failed the
+        # save in flight with WorkerDiedError, 1 kill() in 5 under load).
+        self._kill_requested.set()
         with self._lock:
             pids = [s.proc.pid for s in self._slots if s.proc is not None and s.proc.returncode is None]
         for pid in pids:
@@ -428,7 +433,7 @@ class Supervisor(threading.Thread):
         facts: dict[str, Any] = dict(slot=slot.index, generation=slot.generation, pid=slot.pid,
                                      exitcode=slot.proc.returncode, silent_s=silent,
                                      job=job.describe if job else None)
-        if self._state is SupervisorState.KILLING:
+        if self._state is SupervisorState.KILLING or self._kill_requested.is_set():
             logger.info("%s killed", slot.who())
             if job:
                 job.on_done(None, PoolClosedError("the checkpoint pool was killed"))

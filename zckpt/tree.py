@@ -30,6 +30,7 @@ import io
 import json
 import pickle
 import re
+import struct
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -448,6 +449,17 @@ _SIMPLE = (int, float, bool, str, bytes, type(None))
 _MAPPINGS = (dict, collections.OrderedDict, collections.defaultdict, collections.Counter)
 
 
+def _exact(x: Any) -> Any:
+    """A token equal for two simple values exactly when pickling them gives the same value:
+    == would make 0.0 and -0.0 alike, and (1, 2) and (1.0, 2); floats go by their bits."""
+    t = type(x)
+    if t is float:
+        return (float, struct.pack("<d", x))
+    if t is tuple:
+        return (tuple, tuple(_exact(e) for e in x))
+    return (t, x)
+
+
 def _simple_key(k: Any) -> bool:
     return type(k) in _SIMPLE or (type(k) is tuple and all(type(x) in _SIMPLE for x in k))
 
@@ -461,7 +473,7 @@ def _simple_metadata(meta: Any) -> tuple[Any, ...] | None:
         if type(name) is not str or not isinstance(entry, dict) or \
                 not all(type(k) is str and type(v) in _SIMPLE for k, v in entry.items()):
             return None
-        out.append((name, tuple(entry.items())))
+        out.append((name, type(entry), tuple((k, _exact(v)) for k, v in entry.items())))
     return (type(meta), tuple(out))
 
 
@@ -497,7 +509,7 @@ class _KeyWalker:
     def visit(self, node: Any) -> bool:
         t = type(node)
         if t in _SIMPLE:
-            self.tokens.append((t, node))
+            self.tokens.append(_exact(node))
             return True
         back = self.seen.get(id(node))
         if back is not None:               # met again: a back-reference, as the pickle memo sees it
@@ -519,7 +531,7 @@ class _KeyWalker:
             for k, v in node.items():
                 if not _simple_key(k):
                     return False
-                tokens.append((type(k), k))   # a key's place is fixed by its container's header
+                tokens.append(_exact(k))      # a key's place is fixed by its container's header
                 if not self.visit(v):
                     return False
         elif t is list or t is tuple or (issubclass(t, tuple) and hasattr(t, "_fields")
