@@ -168,7 +168,6 @@ class CheckpointPool:
         self._next_save = 0
         self._counts = {"started": 0, "committed": 0, "failed": 0}
         self._swept: set[str] = set()
-        self._async_pending: set[SaveFuture] = set()  # saves still planning/copying on the stager
         try:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
         except Exception as exc:
@@ -195,7 +194,7 @@ class CheckpointPool:
         self.startup_s = time.perf_counter() - t0
         logger.info("checkpoint pool ready: %d workers in %.3fs", cfg.num_workers, self.startup_s)
         self._finalizer = weakref.finalize(self, _finalize, self._owner_pid, self._supervisor, self._arena,
-                                           self._cleanup, self._saves, self._async_pending, self._lock,
+                                           self._cleanup, self._saves, self._lock,
                                            cfg.shutdown_timeout_s)
         _LIVE_POOLS.add(self)
 
@@ -272,8 +271,6 @@ class CheckpointPool:
         save = self._register(finals, t0)
         fut = save.future
         if self.config.async_staging:
-            with self._lock:
-                self._async_pending.add(fut)
             fut.timings["blocked_s"] = time.perf_counter() - t0
             try:
                 # In a box the stager empties: its work item must not keep the state dict
@@ -281,7 +278,6 @@ class CheckpointPool:
                 self._stager.submit(self._stage_async, [state_dict], save, metadata, writer_kwargs)
             except RuntimeError as exc:  # close() on another thread shut the stager down meanwhile
                 with self._lock:
-                    self._async_pending.discard(fut)
                     err = self._closed_error()
                 err.__cause__ = exc
                 self._submit_cleanup(save.transition, SaveState.FAILED, err)
@@ -342,9 +338,6 @@ class CheckpointPool:
         else:
             save.transition(SaveState.WRITING)
             self._dispatch(save, tasks, writer_kwargs)
-        finally:
-            with self._lock:
-                self._async_pending.discard(save.future)
 
     def reserve(self, state_dict: Mapping[str, Any], timeout_s: float = 60.0) -> None:
         """Allocate and pre-fault staging memory for saves like ``state_dict`` now.
@@ -511,7 +504,7 @@ class CheckpointPool:
                 return
             if self._state in (PoolState.READY, PoolState.STARTING):
                 self._state = PoolState.CLOSING
-            pending = [s.future for s in self._saves.values() if s.future is not own] + list(self._async_pending)
+            pending = [s.future for s in self._saves.values() if s.future is not own]
         for fut in pending:
             try:
                 fut.exception(timeout=max(0.0, deadline - time.monotonic()))
@@ -763,7 +756,7 @@ class CheckpointPool:
 
 
 def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor,
-              saves: dict[int, Save], async_pending: set[SaveFuture], lock: Any, drain_s: float) -> None:
+              saves: dict[int, Save], lock: Any, drain_s: float) -> None:
     """Last resort when the interpreter exits (or a pool is garbage-collected) unclosed.
 
     Saves still in flight get up to ``drain_s`` (``shutdown_timeout_s``) to commit, as
@@ -776,7 +769,7 @@ def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: Thr
     if os.getpid() != owner_pid:
         return
     with lock:
-        pending = [s.future for s in saves.values()] + list(async_pending)
+        pending = [s.future for s in saves.values()]
     if pending and supervisor.is_alive():
         logger.warning("exiting with %d checkpoint save(s) in flight and the pool not closed: waiting up to "
                        "%.0fs for them to commit (close the pool to decide yourself)", len(pending), drain_s)
