@@ -243,7 +243,7 @@ def _child_report(pool, tmp_path) -> dict:
         "stats": lambda: pool.stats.saves_committed,
         "kill": pool.kill,  # before close(): a close() that ran would make kill() return early
         "close": pool.close,
-        "finalize": pool._finalizer,  # what garbage collection or interpreter exit runs
+        "finalize": pool._engine._finalizer,  # what garbage collection or interpreter exit runs
         "del": pool.__del__,
     }
     out = {}

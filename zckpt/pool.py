@@ -23,23 +23,22 @@ Who talks to whom::
 - The supervisor thread owns every socket (see :mod:`zckpt.supervisor`); it only
   relays small messages, so a busy training loop holding the GIL barely delays a save.
 - A cleanup thread removes the temp directories of failed saves.
+- Workers, supervisor, arena, job ids, the pool's state and teardown belong to the
+  :class:`~zckpt.engine.Engine` the pool composes (as ``zckpt.compat`` does); this
+  module keeps what is a *save*: planning, staging, the shard jobs and the commit order.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import enum
 import functools
 import logging
 import os
 import threading
 import time
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -48,14 +47,15 @@ import torch
 
 from . import commit as C
 from . import protocol as P
-from .arena import Arena, BufferSet
+from .arena import BufferSet
 from .config import PoolConfig
-from .errors import PoolClosedError, ReentrantSaveError, ZckptError
+from .engine import KILL_TEARDOWN_S, Engine, PoolState, wait_all
+from .errors import PoolClosedError, ZckptError
 from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton
 from .plan import SavePlan, collect_storages, plan_records, plan_save
 from .save import FINAL, Save, SaveFuture, SaveState
 from .stager import stage_files
-from .supervisor import ShardJob, Supervisor
+from .supervisor import ShardJob
 from .tree import Collector, dump_skeleton, gc_paused, structure_key
 
 __all__ = ["CheckpointPool", "SaveFuture", "PoolState", "PoolStats"]
@@ -64,27 +64,8 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Timing margins, each with its reason. The supervisor enforces the configured deadlines
-# itself; these bound the waits of the threads that wait *for* the supervisor.
-#: Past init_timeout_s the supervisor kills a worker that did not start; this covers
-#: killing and reaping it (SIGKILL, then a bounded wait) before start-up reports.
-START_REAP_MARGIN_S = 10.0
-#: kill() and a failed start: SIGKILL is immediate; reaping and closing sockets take ms.
-KILL_TEARDOWN_S = 10.0
-#: After close()'s deadline: the supervisor kills what is left and reaps it (<= 5 s each).
-SUPERVISOR_JOIN_MARGIN_S = 10.0
-#: A supervisor thread that did not stop in time: kill workers from here and wait this long.
-SUPERVISOR_LAST_JOIN_S = 5.0
 #: reserve(): the workers' mapping jobs have their deadline; this covers the reply.
 RESERVE_REPLY_MARGIN_S = 5.0
-
-
-class PoolState(enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    CLOSING = "closing"
-    BROKEN = "broken"
-    CLOSED = "closed"
 
 
 @dataclass(frozen=True)
@@ -124,16 +105,10 @@ class CheckpointPool:
         TimeoutError: a worker did not finish start-up in time (it is killed).
     """
 
-    _WRITER_METHOD = "write_file"   # what the workers' writer must provide (see ShardWriter)
-    _ARENA_ROUND_BYTES = 1 << 21   # 2 MiB: huge-page friendly segments, one per shard
-
     def __init__(self, num_workers: int | None = None, config: PoolConfig | None = None, *,
                  init_fn: Callable[..., Any] | None = None, init_args: tuple = (),
                  writer_factory: Callable[..., Any] | None = None,
                  writer_kwargs: Mapping[str, Any] | None = None) -> None:
-        # Checked by every call: a forked child gets a copy of this object but not its
-        # threads, and its workers, sockets, arena and saves stay the parent's.
-        self._owner_pid = os.getpid()
         cfg = config if config is not None else PoolConfig()
         if not isinstance(cfg, PoolConfig):
             raise TypeError(f"config must be a zckpt.PoolConfig, got {type(cfg).__name__}")
@@ -146,57 +121,34 @@ class CheckpointPool:
         if not isinstance(init_args, tuple):
             raise TypeError(f"init_args must be a tuple, got {type(init_args).__name__}")
         self.config = cfg
-        # Re-entrant: a signal handler may read stats/state or close() the pool while the
-        # code it interrupted holds the lock (a plain Lock would deadlock that thread).
-        self._lock = threading.RLock()
-        # Per thread: how deep in save()/reserve() it is (a signal handler re-enters the
-        # interrupted thread), and whether it is one of this pool's own threads.
-        self._local = threading.local()
-        self._state = PoolState.STARTING
-        self._cause: BaseException | None = None
         self._saves: dict[int, Save] = {}   # every save not yet final, from birth
         # Commits happen one at a time, in the order save() was called: a later save whose
         # shards finish first waits, so the commit record's sequence follows the saves
         # (else latest() named the older one and keep_last deleted the newer). Values are
         # None while a save is still writing, then its commit job and slot.
-        # The last plan: (structure key, plan, encoded skeleton); see _plan.
-        self._plan_cache: tuple[tuple[Any, ...], SavePlan, dict[str, Any]] | None = None
-        self._records_cache: tuple[SavePlan, list[StorageRecord], list[TensorRecord]] | None = None
         self._commit_queue: collections.OrderedDict[int, tuple[P.CommitJob, int, Save] | None] = \
             collections.OrderedDict()
         self._committing: int | None = None
-        self._next_save = 0
+        # The last plan: (structure key, plan, encoded skeleton); see _plan.
+        self._plan_cache: tuple[tuple[Any, ...], SavePlan, dict[str, Any]] | None = None
+        self._records_cache: tuple[SavePlan, list[StorageRecord], list[TensorRecord]] | None = None
         self._counts = {"started": 0, "committed": 0, "failed": 0}
         self._swept: set[str] = set()
         try:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
         except Exception as exc:
             raise TypeError(f"init_fn, init_args, writer_factory or writer_kwargs cannot be pickled: {exc}") from exc
-        self._arena = Arena(cfg.staging_buffers, name=f"{os.getpid()}-{id(self):x}",
-                            round_bytes=self._ARENA_ROUND_BYTES)
-        self._cleanup = ThreadPoolExecutor(1, thread_name_prefix="zckpt-cleanup", initializer=_mark_internal,
-                                           initargs=(self._local,))
-        self._stager = ThreadPoolExecutor(1, thread_name_prefix="zckpt-stage", initializer=_mark_internal,
-                                          initargs=(self._local,))
-        self._supervisor = Supervisor(cfg, payload, self._WRITER_METHOD, self._on_broken)
-        t0 = time.perf_counter()
-        self._supervisor.start()
-        # Bounded: the supervisor kills a worker at init_timeout_s; the margin covers reaping.
-        if not self._supervisor.started_ok.wait(cfg.init_timeout_s + START_REAP_MARGIN_S) \
-                or self._supervisor.start_error:
-            err = self._supervisor.start_error or TimeoutError(
-                f"timed out after {cfg.init_timeout_s:.1f}s waiting for checkpoint workers to start")
-            self._teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S)
-            raise err
-        with self._lock:
-            if self._state is PoolState.STARTING:
-                self._state = PoolState.READY
-        self.startup_s = time.perf_counter() - t0
+        # 2 MiB segments, one per shard: huge-page friendly.
+        self._engine = engine = Engine(cfg, payload, writer_method="write_file", round_bytes=1 << 21)
+        self._arena, self._supervisor, self._local = engine.arena, engine.supervisor, engine.local
+        self._stager = engine.internal_executor("zckpt-stage")
+        self.startup_s = engine.startup_s
         logger.info("checkpoint pool ready: %d workers in %.3fs", cfg.num_workers, self.startup_s)
-        self._finalizer = weakref.finalize(self, _finalize, self._owner_pid, self._supervisor, self._arena,
-                                           self._cleanup, self._saves, self._lock,
-                                           cfg.shutdown_timeout_s)
-        _LIVE_POOLS.add(self)
+        engine.arm_finalizer(self, functools.partial(_futures_of, self._saves, engine))
+
+    @property
+    def _lock(self) -> threading.RLock:
+        return self._engine.lock  # read each time: a fork replaces it (see Engine.reset_locks_after_fork)
 
     # --- public surface ----------------------------------------------------------------
     @property
@@ -206,8 +158,7 @@ class CheckpointPool:
 
     @property
     def state(self) -> PoolState:
-        with self._lock:
-            return self._state
+        return self._engine.state
 
     @property
     def stats(self) -> PoolStats:
@@ -254,12 +205,12 @@ class CheckpointPool:
                 ``save()`` concurrently: they wait their turn for a staging buffer.
         """
         t0 = time.perf_counter()
-        with self._entered("save"):
+        with self._engine.entered("save"):
             return self._save(state_dict, path, metadata, writer_kwargs, t0)
 
     def _save(self, state_dict: Mapping[str, Any], path: PathLike, metadata: Mapping[str, Any] | None,
               writer_kwargs: dict[str, Any], t0: float) -> SaveFuture:
-        self._check_open()
+        self._engine.check_open()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping (dict), got {type(state_dict).__name__}")
         final = os.path.abspath(os.fspath(path))
@@ -278,9 +229,9 @@ class CheckpointPool:
                 self._stager.submit(self._stage_async, [state_dict], save, metadata, writer_kwargs)
             except RuntimeError as exc:  # close() on another thread shut the stager down meanwhile
                 with self._lock:
-                    err = self._closed_error()
+                    err = self._engine.closed_error()
                 err.__cause__ = exc
-                self._submit_cleanup(save.transition, SaveState.FAILED, err)
+                self._engine.submit_cleanup(save.transition, SaveState.FAILED, err)
                 raise err from None
             return fut
         self._local.staging = fut  # a close() from a handler interrupting us must not wait for it
@@ -317,10 +268,10 @@ class CheckpointPool:
         except BaseException as exc:
             self._arena.release(bufset)
             with self._lock:
-                if self._state is not PoolState.READY and isinstance(exc, Exception):
+                if self._engine.state is not PoolState.READY and isinstance(exc, Exception):
                     # Closed meanwhile (by another thread, or a signal handler on this
                     # one): the arena went away under the copy. Say so, not IndexError.
-                    raise self._closed_error() from exc
+                    raise self._engine.closed_error() from exc
             raise
         finally:
             sources.clear()  # nothing of the caller's is referenced once staged
@@ -356,11 +307,11 @@ class CheckpointPool:
             TimeoutError: a staging buffer did not come free, or a worker did not map
                 the arena, within ``timeout_s``.
         """
-        with self._entered("reserve"):
+        with self._engine.entered("reserve"):
             self._reserve(state_dict, timeout_s)
 
     def _reserve(self, state_dict: Mapping[str, Any], timeout_s: float) -> None:
-        self._check_open()
+        self._engine.check_open()
         plan, _, sources = self._plan(state_dict)
         sources.clear()
         sizes = [s.nbytes for s in plan.shards]
@@ -380,11 +331,8 @@ class CheckpointPool:
         per_slot = self._arena.segments_by_index()
         for slot, segments in enumerate(per_slot[: self.config.num_workers]):
             f: Future = Future()
-            with self._lock:
-                job_id = self._next_save
-                self._next_save += 1
             self._supervisor.submit(ShardJob(
-                slot, P.MapSegments(job_id, [s.ref() for s in segments], live), deadline=deadline,
+                slot, P.MapSegments(self._engine.new_job_id(), [s.ref() for s in segments], live), deadline=deadline,
                 describe="mapping the arena", on_done=functools.partial(_settle, f)))
             done.append(f)
         for f in done:
@@ -443,10 +391,9 @@ class CheckpointPool:
     def _register(self, finals: list[str], t0: float) -> Save:
         """A new save, registered from birth (so close() and the commit order know it)."""
         with self._lock:
-            if self._state is not PoolState.READY:
-                raise self._closed_error()
-            save = Save(self._next_save, finals, t0, self._save_final)
-            self._next_save += 1
+            if self._engine.state is not PoolState.READY:
+                raise self._engine.closed_error()
+            save = Save(self._engine.new_job_id(), finals, t0, self._save_final)
             self._saves[save.id] = save
             self._commit_queue[save.id] = None
             self._counts["started"] += 1
@@ -493,24 +440,19 @@ class CheckpointPool:
             ReentrantSaveError: called from one of the pool's own threads (a
                 ``SaveFuture`` callback): it would wait for that thread itself.
         """
-        if self._forked_child("close"):
+        engine = self._engine
+        if engine.forked_child("close"):
             return
-        self._refuse_internal_thread("close")
+        engine.refuse_internal_thread("close")
         limit = self.config.shutdown_timeout_s if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + limit
         own = getattr(self._local, "staging", None)  # the save this thread is inside, if any
+        if not engine.begin_close():
+            return
         with self._lock:
-            if self._state is PoolState.CLOSED:
-                return
-            if self._state in (PoolState.READY, PoolState.STARTING):
-                self._state = PoolState.CLOSING
             pending = [s.future for s in self._saves.values() if s.future is not own]
-        for fut in pending:
-            try:
-                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except (FutureTimeout, CancelledError):  # what is still running is killed below
-                pass
-        self._teardown(kill=False, deadline=deadline)
+        wait_all(pending, deadline)
+        engine.teardown(kill=False, deadline=deadline, before_close=self._fail_leftovers)
 
     def kill(self) -> None:
         """Forceful shutdown: SIGKILL every worker now. In-flight saves fail.
@@ -522,17 +464,12 @@ class CheckpointPool:
         Raises:
             ReentrantSaveError: called from one of the pool's own threads.
         """
-        if self._forked_child("kill"):
+        engine = self._engine
+        if engine.forked_child("kill"):
             return
-        self._refuse_internal_thread("kill")
-        with self._lock:
-            if self._state is PoolState.CLOSED:
-                return
-            self._state = PoolState.BROKEN
-            if self._cause is None:
-                self._cause = PoolClosedError("the checkpoint pool was killed")
-        self._supervisor.kill_now()
-        self._teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S)
+        engine.refuse_internal_thread("kill")
+        if engine.begin_kill():
+            engine.teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S, before_close=self._fail_leftovers)
 
     def __enter__(self) -> CheckpointPool:
         return self
@@ -544,79 +481,14 @@ class CheckpointPool:
             self.kill()  # an exception in the with-block: do not wait on workers
 
     def __del__(self) -> None:
-        if getattr(self, "_owner_pid", None) != os.getpid():
+        engine = getattr(self, "_engine", None)  # absent if the constructor raised
+        if engine is None or engine.owner_pid != os.getpid():
             return  # a forked child's copy: not ours to close
-        finalizer = getattr(self, "_finalizer", None)  # absent if the constructor raised
-        if finalizer is not None and finalizer.alive:
+        if engine.finalizer_alive:
             warnings.warn("CheckpointPool was not closed; call close() or use it as a context manager",
                           ResourceWarning, stacklevel=2)
 
     # --- internals ---------------------------------------------------------------------
-    def _check_owner(self) -> None:
-        if os.getpid() != self._owner_pid:
-            raise PoolClosedError(
-                f"this checkpoint pool belongs to process {self._owner_pid}; process {os.getpid()} is a fork "
-                "of it and cannot use it (its workers, sockets and staging memory are the parent's): "
-                "create a new pool in the child")
-
-    def _forked_child(self, call: str) -> bool:
-        """True (and logs) in a forked child, where close/kill/finalization must do nothing."""
-        if os.getpid() == self._owner_pid:
-            return False
-        logger.debug("pool.%s() ignored in process %d: the pool belongs to process %d", call, os.getpid(),
-                     self._owner_pid)
-        return True
-
-    def _refuse_internal_thread(self, call: str) -> None:
-        if getattr(self._local, "internal", False) or threading.current_thread() is self._supervisor:
-            raise ReentrantSaveError(
-                f"pool.{call}() was called on the pool's own thread {threading.current_thread().name!r} "
-                "(SaveFuture callbacks run there), which it would wait for: call it from your own thread, "
-                "e.g. after fut.result() returns")
-
-    @contextlib.contextmanager
-    def _entered(self, call: str) -> Iterator[None]:
-        """Around the body of save() and reserve(): refuse at once what would wait on itself.
-
-        Both may wait for a staging buffer. A signal handler runs on the thread it
-        interrupted, so a save() from a handler that interrupted save() would wait (up
-        to ``save_timeout_s``) for the buffer its own thread holds.
-        """
-        self._check_owner()
-        self._refuse_internal_thread(call)
-        local = self._local
-        if getattr(local, "depth", 0):
-            raise ReentrantSaveError(
-                f"pool.{call}() was called on thread {threading.current_thread().name!r} while that thread is "
-                f"inside pool.{local.inside}() of the same pool (a signal handler or callback interrupted "
-                "it): it would wait for the staging buffer its own thread holds. Set a flag in the handler "
-                f"and call {call}() after the interrupted call returns")
-        local.depth, local.inside = 1, call
-        try:
-            yield
-        finally:
-            local.depth, local.inside, local.staging = 0, None, None
-
-    def _check_open(self) -> None:
-        self._check_owner()
-        with self._lock:
-            if self._state is not PoolState.READY:
-                raise self._closed_error()
-
-    def _closed_error(self) -> PoolClosedError:
-        if self._state is PoolState.BROKEN and self._cause is not None:
-            err = PoolClosedError(f"the checkpoint pool is broken: {self._cause}")
-            err.__cause__ = self._cause
-            return err
-        return PoolClosedError(f"the checkpoint pool is {self._state.value}")
-
-    def _on_broken(self, cause: BaseException) -> None:
-        with self._lock:
-            if self._state in (PoolState.READY, PoolState.STARTING, PoolState.CLOSING):
-                self._state = PoolState.BROKEN
-                self._cause = cause
-        logger.error("checkpoint pool broken: %s", cause)
-
     def _shard_done(self, save: Save, index: int, result: P.JobResult | None,
                     exc: BaseException | None) -> None:
         """Runs on the supervisor thread: record one shard; the first error fails the save
@@ -626,7 +498,7 @@ class CheckpointPool:
             save.error = exc
             # The other workers may still write into the temp dir being removed: their
             # writes then fail (ENOENT) or land in unlinked files, and are ignored.
-            self._submit_cleanup(save.transition, SaveState.FAILED, exc)
+            self._engine.submit_cleanup(save.transition, SaveState.FAILED, exc)
         if result is not None:
             save.results[index] = result
         save.pending.discard(index)
@@ -656,7 +528,7 @@ class CheckpointPool:
                                         checksums=tuple(fr.checksums), write_s=round(fr.write_s, 6),
                                         hash_s=round(fr.hash_s, 6)))
         except (ZckptError, KeyError, IndexError) as exc:
-            self._submit_cleanup(save.transition, SaveState.FAILED, exc)
+            self._engine.submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
         body = build_manifest(checksum=self.config.checksum, tree=save.tree, metadata=save.metadata,
                               torch_version=str(torch.__version__), files=files, storages=storages,
@@ -705,35 +577,12 @@ class CheckpointPool:
         """Runs on the supervisor thread when the commit job answers."""
         if exc is not None:
             logger.error("commit of %s failed: %s", save.path, exc)
-            self._submit_cleanup(save.transition, SaveState.FAILED, exc)
+            self._engine.submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
         save.transition(SaveState.COMMITTED)
 
-    def _submit_cleanup(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run ``fn`` on the cleanup thread, or here once that takes no more work.
-
-        It stops at teardown and at interpreter exit (before the finalizer drains the
-        saves in flight); a failed save's temp dirs are removed and its future failed
-        either way.
-        """
-        try:
-            self._cleanup.submit(fn, *args)
-        except RuntimeError:  # cannot schedule new futures after (interpreter) shutdown
-            fn(*args)
-
-    def _teardown(self, kill: bool, deadline: float) -> None:
-        sup = self._supervisor
-        if kill:
-            sup.kill_now()
-        else:
-            sup.shutdown(deadline)
-        if sup.is_alive() or not sup.finished.is_set():
-            sup.join(timeout=max(0.0, deadline - time.monotonic()) + SUPERVISOR_JOIN_MARGIN_S)
-        if sup.is_alive():
-            logger.error("supervisor thread did not stop; killing workers directly")
-            sup.kill_now()
-            sup.join(timeout=SUPERVISOR_LAST_JOIN_S)
-        # Saves the workers never answered: fail them and clean their temp dirs.
+    def _fail_leftovers(self) -> None:
+        """At teardown, once the workers are gone: fail the saves they never answered."""
         with self._lock:
             leftovers = list(self._saves.values())
         for save in leftovers:
@@ -744,68 +593,15 @@ class CheckpointPool:
             if save.state not in FINAL and save.state is not SaveState.STAGING:
                 # Still writing, or written and waiting its turn to commit. (One still
                 # staging fails in its own thread: the arena closes under its copy.)
-                self._submit_cleanup(save.transition, SaveState.FAILED,
-                                     PoolClosedError("the pool shut down before the save finished"))
+                self._engine.submit_cleanup(save.transition, SaveState.FAILED,
+                                            PoolClosedError("the pool shut down before the save finished"))
         self._stager.shutdown(wait=True)  # a copy in progress ends at memory speed
-        self._cleanup.shutdown(wait=True)
-        self._arena.close()
-        with self._lock:
-            self._state = PoolState.CLOSED
-        if hasattr(self, "_finalizer"):
-            self._finalizer.detach()
 
 
-def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: ThreadPoolExecutor,
-              saves: dict[int, Save], lock: Any, drain_s: float) -> None:
-    """Last resort when the interpreter exits (or a pool is garbage-collected) unclosed.
-
-    Saves still in flight get up to ``drain_s`` (``shutdown_timeout_s``) to commit, as
-    :meth:`CheckpointPool.close` would give them: they hold a consistent snapshot, and
-    a trainer's last ``save()`` before exiting should not be lost silently. Then the
-    workers are killed and the socket directory and arena removed. A save that did not
-    commit leaves the last committed checkpoint intact. In a forked child it does
-    nothing: the pool belongs to the parent.
-    """
-    if os.getpid() != owner_pid:
-        return
-    with lock:
-        pending = [s.future for s in saves.values()]
-    if pending and supervisor.is_alive():
-        logger.warning("exiting with %d checkpoint save(s) in flight and the pool not closed: waiting up to "
-                       "%.0fs for them to commit (close the pool to decide yourself)", len(pending), drain_s)
-        deadline = time.monotonic() + drain_s
-        for fut in pending:
-            try:
-                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except (FutureTimeout, CancelledError):  # what is still running is killed below
-                pass
-    if supervisor.is_alive():
-        supervisor.kill_now()
-        supervisor.join(timeout=SUPERVISOR_LAST_JOIN_S)
-    cleanup.shutdown(wait=False)
-    arena.close()
-
-
-def _mark_internal(local: threading.local) -> None:
-    """Initializer of the pool's executor threads: pool calls made there are refused."""
-    local.internal = True
-
-
-# Pools of this process, for the fork handler below.
-_LIVE_POOLS: weakref.WeakSet[CheckpointPool] = weakref.WeakSet()
-
-
-def _reset_locks_in_child() -> None:
-    # fork() copies each lock in the state another thread held it, without the thread
-    # that would release it: fresh locks let a child read stats/state without hanging
-    # (every call that would act refuses at once there).
-    for pool in list(_LIVE_POOLS):
-        pool._lock = threading.RLock()
-        pool._arena.reset_locks_after_fork()
-        pool._supervisor.reset_locks_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_locks_in_child)
+def _futures_of(saves: dict[int, Save], engine: Engine) -> list[Future]:
+    """The futures of the saves in flight (for the finalizer: no reference to the pool)."""
+    with engine.lock:
+        return [s.future for s in saves.values()]
 
 
 def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:

@@ -17,8 +17,9 @@ until the future resolves); ``close()`` terminates gracefully, then kills;
 
 Deliberate differences from torch:
 
-- It runs on zckpt's pool: a ZeroMQ control plane with heartbeats, a memfd staging
-  arena, a worker that starts without importing torch until its writer needs it.
+- It runs on zckpt's engine (the workers, supervisor and arena under CheckpointPool):
+  a ZeroMQ control plane with heartbeats, a memfd staging arena, a worker that starts
+  without importing torch until its writer needs it.
 - A tensor that is not yet in shared memory is copied into the reusable arena, instead
   of being moved into freshly allocated shared memory in place (which costs page
   faults on every save and changes the caller's tensor). Each storage gets a segment of

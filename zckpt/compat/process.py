@@ -1,4 +1,4 @@
-"""The checkpoint process: torch's ``CheckpointProcess`` API on a one-worker zckpt pool."""
+"""The checkpoint process: torch's ``CheckpointProcess`` API on a one-worker zckpt engine."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import cloudpickle
+
 from .. import protocol as P
 from .._proc import kill_quietly
 from ..config import PoolConfig
+from ..engine import KILL_TEARDOWN_S, Engine, wait_all
 from ..errors import WorkerInitError
-from ..pool import CheckpointPool
 from ..stager import layout_state, stage_state, tensor_specs
 from ..supervisor import ShardJob
 from ..tree import Collector, dump_skeleton, gc_paused
@@ -30,16 +32,26 @@ __all__ = ["CheckpointProcess"]
 logger = logging.getLogger(__name__)
 
 
-# --- the pool underneath ----------------------------------------------------------------------
-class _StatePool(CheckpointPool):
-    """A one-worker pool whose worker calls ``writer.write(path, state_dict, **kwargs)``."""
+# --- the engine underneath -------------------------------------------------------------------
+class _StateWriter:
+    """One worker that calls ``writer.write(path, state_dict, **kwargs)``, on zckpt's engine.
 
-    _WRITER_METHOD = "write"
-    # One segment per storage (see stager.layout_state): page-sized rounding, not 2 MiB.
-    _ARENA_ROUND_BYTES = mmap.PAGESIZE
+    Composes an :class:`~zckpt.engine.Engine` (workers, supervisor, arena, job ids,
+    teardown) as :class:`zckpt.CheckpointPool` does; what it adds is staging a whole
+    state dict, one arena segment per storage, and the ``WriteState`` job.
+    """
+
+    def __init__(self, config: PoolConfig, payload: bytes) -> None:
+        # One segment per storage (see stager.layout_state): page-sized rounding, not 2 MiB.
+        self.engine = Engine(config, payload, writer_method="write", round_bytes=mmap.PAGESIZE,
+                             api="checkpoint process")
+        self._writes: dict[int, Future] = {}   # in flight, for close() and the finalizer
+        self.engine.arm_finalizer(self, functools.partial(_futures_of, self._writes, self.engine))
 
     def write_state(self, state_dict: Any, path: str, kwargs: dict[str, Any]) -> Future:
-        self._check_open()
+        """Stage ``state_dict`` (blocking while it copies), then have the worker write it."""
+        engine = self.engine
+        engine.check_open()
         with gc_paused():
             collector = Collector()
             collector.walk(state_dict)
@@ -48,43 +60,74 @@ class _StatePool(CheckpointPool):
             tree = dump_skeleton(state_dict, collector, by_value=True)
         slots, sizes, refs = layout_state(collector.storages)
         pin = any(st.device.type == "cuda" for st, _ in collector.storages)
-        bufset = self._arena.acquire(sizes, self.config.buffer_wait_timeout_s, pin=pin)
+        bufset = engine.arena.acquire(sizes, engine.config.buffer_wait_timeout_s, pin=pin)
         try:
             storages = stage_state(collector.storages, slots, refs, bufset)
             tensors = tensor_specs(collector)
         except BaseException:
-            self._arena.release(bufset)
+            engine.arena.release(bufset)
             raise
         finally:
             collector.release()  # nothing of the caller's is referenced once staged
         fut: Future = Future()
-        with self._lock:
-            job_id = self._next_save
-            self._next_save += 1
-        msg = P.WriteState(job_id, os.fspath(path), tree, storages, tensors, dict(kwargs), self._arena.live_keys())
-        self._supervisor.submit(ShardJob(0, msg, functools.partial(_write_done, self._arena, bufset, fut),
-                                         time.monotonic() + self.config.save_timeout_s, describe=os.fspath(path)))
+        job_id = engine.new_job_id()
+        with engine.lock:
+            self._writes[job_id] = fut
+        msg = P.WriteState(job_id, os.fspath(path), tree, storages, tensors, dict(kwargs), engine.arena.live_keys())
+        engine.submit(ShardJob(0, msg, functools.partial(self._written, job_id, bufset, fut),
+                               time.monotonic() + engine.config.save_timeout_s, describe=os.fspath(path)))
         return fut
 
+    def _written(self, job_id: int, bufset: Any, fut: Future, result: P.JobResult | None,
+                 exc: BaseException | None) -> None:
+        """Runs on the supervisor thread when the worker answers a write."""
+        self.engine.arena.release(bufset)
+        with self.engine.lock:
+            self._writes.pop(job_id, None)
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
 
-def _write_done(arena: Any, bufset: Any, fut: Future, result: P.JobResult | None,
-                exc: BaseException | None) -> None:
-    """Runs on the supervisor thread when the worker answers a write."""
-    arena.release(bufset)
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(None)
+    def shutdown(self, deadline: float, kill: bool = False) -> None:
+        """Let the write in flight finish until ``deadline`` (or kill now), then tear down."""
+        engine = self.engine
+        if kill:
+            if engine.begin_kill():
+                engine.teardown(kill=True, deadline=deadline)
+            return
+        if engine.begin_close():
+            with engine.lock:
+                pending = list(self._writes.values())
+            wait_all(pending, deadline)
+            if any(not f.done() for f in pending):
+                logger.warning("checkpoint process (pid %s): a write did not finish within the shutdown timeout; "
+                               "killing it", engine.supervisor.worker_pids)
+            engine.teardown(kill=False, deadline=deadline)
+
+
+def _payload(init_fn: Callable[..., None], init_args: tuple, writer_fn: Callable[..., Any],
+             writer_args: dict[str, Any]) -> bytes:
+    try:
+        return cloudpickle.dumps((init_fn, tuple(init_args), writer_fn, dict(writer_args)))
+    except Exception as exc:
+        raise TypeError(f"subprocess_init_fn, its args, checkpoint_writer_init_fn or its args cannot be pickled: "
+                        f"{exc}") from exc
+
+
+def _futures_of(writes: dict[int, Future], engine: Engine) -> list[Future]:
+    with engine.lock:
+        return list(writes.values())
 
 
 class _WorkerProcess:
     """What ``process.processes[i]`` is: the worker's pid, liveness, and kill."""
 
-    def __init__(self, pool: _StatePool | None, index: int) -> None:
-        self._pool, self._index = pool, index
+    def __init__(self, writer: _StateWriter | None, index: int) -> None:
+        self._writer, self._index = writer, index
 
     def _popen(self) -> Any:
-        return self._pool._supervisor.slot_process(self._index) if self._pool is not None else None
+        return self._writer.engine.supervisor.slot_process(self._index) if self._writer is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -109,8 +152,8 @@ class _WorkerProcess:
 class _ProcessContext:
     """What ``CheckpointProcess.process`` is: ``processes`` and ``join(timeout)``."""
 
-    def __init__(self, pool: _StatePool) -> None:
-        self.processes = [_WorkerProcess(pool, 0)]
+    def __init__(self, writer: _StateWriter) -> None:
+        self.processes = [_WorkerProcess(writer, 0)]
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait (at most ``timeout`` seconds) for the worker to exit; True if it did."""
@@ -148,7 +191,7 @@ class CheckpointProcess:
         self._rank_info = rank_info
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zckpt-compat")
-        self._pool: _StatePool | None = None
+        self._writer: _StateWriter | None = None
         self._closed = False
         self._lock = threading.Lock()
         self.process: _ProcessContext | None = None
@@ -164,8 +207,7 @@ class CheckpointProcess:
                          shutdown_timeout_s=float(self._config.subprocess_shutdown_timeout_secs))
         logger.info("creating checkpoint process for rank %d", self._rank_info.global_rank)
         try:
-            pool = _StatePool(config=cfg, init_fn=init_fn, init_args=init_args,
-                              writer_factory=writer_fn, writer_kwargs=writer_args)
+            writer = _StateWriter(cfg, _payload(init_fn, init_args, writer_fn, writer_args))
         except TimeoutError as exc:
             raise TimeoutError(f"Timed out after {timeout:g}s waiting for checkpoint subprocess to "
                                f"initialize ({exc})") from exc
@@ -173,10 +215,10 @@ class CheckpointProcess:
             err = CheckpointWriteError(f"Unexpected response from worker process: {exc.remote_traceback or exc}")
             raise err from exc
         with self._lock:
-            self._pool = pool
-            self.process = _ProcessContext(pool)
+            self._writer = writer
+            self.process = _ProcessContext(writer)
             if self._closed:  # close() ran while we were starting
-                pool.kill()
+                writer.shutdown(time.monotonic() + KILL_TEARDOWN_S, kill=True)
 
     def write(self, state_dict: Any, path: str, **kwargs: Any) -> Future | None:
         """Write ``state_dict`` (or a ``Future`` of one) to ``path`` in the worker.
@@ -189,11 +231,11 @@ class CheckpointProcess:
 
     def _write(self, state_dict: Any, path: str, kwargs: dict[str, Any]) -> None:
         sd = state_dict.result() if isinstance(state_dict, Future) else state_dict
-        pool = self._pool
-        if pool is None:
+        writer = self._writer
+        if writer is None:
             raise RuntimeError("Child process terminated unexpectedly: the checkpoint process is not running")
         try:
-            fut = pool.write_state(sd, os.fspath(path), kwargs)
+            fut = writer.write_state(sd, os.fspath(path), kwargs)
             fut.result()
         except BaseException as exc:  # noqa: BLE001
             raise compat_error(exc) from exc.__cause__
@@ -211,15 +253,8 @@ class CheckpointProcess:
             self.process_creation_future.result(timeout=limit)
         except Exception:  # noqa: BLE001 - a failed or slow start leaves nothing running to stop
             pass
-        pool = self._pool
-        if pool is None:
-            return
-        # The supervisor lets the write in flight finish, then sends TERMINATE; past the
-        # deadline it kills (the original waits for the write forever).
-        proc = self.process.processes[0] if self.process else None
-        if self.process is not None and proc is not None and proc.is_alive():
-            pool._supervisor.shutdown(deadline)
-            if not self.process.join(timeout=max(0.0, deadline - time.monotonic())):
-                logger.warning("checkpoint process (pid %s) did not exit within %gs; killing it", proc.pid, limit)
-                proc.kill()
-        pool._teardown(kill=False, deadline=deadline)
+        writer = self._writer
+        if writer is not None:
+            # The write in flight may finish, then the worker gets TERMINATE; past the
+            # deadline it is killed (the original waits for the write forever).
+            writer.shutdown(deadline)
