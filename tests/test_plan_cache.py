@@ -20,8 +20,10 @@ def base():
     w = torch.arange(12.0).reshape(3, 4)
     od = collections.OrderedDict(w=w, b=torch.zeros(4))
     od._metadata = collections.OrderedDict({"": {"version": 1}})
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    y = torch.tensor([5 + 6j, 7 - 8j], dtype=torch.complex64)   # only its imaginary view is saved
     return {"model": od, "tied": w, "step": 1, "name": "run", "opt": [torch.ones(2, dtype=torch.int64)],
-            "stats": collections.defaultdict(list), "lr": 0.0, (1, 2): 5}
+            "stats": collections.defaultdict(list), "lr": 0.0, (1, 2): 5, "z": z, "im": y.imag}
 
 
 def variants():
@@ -48,6 +50,9 @@ def variants():
         ("metadata", tweak(lambda sd: sd["model"]._metadata[""].update(version=2))),
         ("same-object", tweak(lambda sd: sd.update(opt=[sd["opt"][0], sd["opt"][0]]))),
         ("requires-grad", tweak(lambda sd: sd["model"]["b"].requires_grad_(True))),
+        # Only a bit in the tensor's dispatch key set differs (same storage, dtype, shape, strides):
+        ("conjugate-bit", tweak(lambda sd: sd.update(z=sd["z"].conj()))),
+        ("negative-bit", tweak(lambda sd: sd.update(im=_neg_imag(sd["im"])))),
         # Equal under == but not the same value once pickled (found by review):
         ("negative-zero", tweak(lambda sd: sd.update(lr=-0.0))),
         ("tuple-key-element-type", lambda: _rekey(base(), (1, 2), (1.0, 2))),   # same place, equal key
@@ -55,6 +60,15 @@ def variants():
         ("metadata-entry-type", tweak(lambda sd: sd["model"]._metadata.update(
             {"": collections.OrderedDict(version=1)}))),
     ]
+
+
+def _neg_imag(im):
+    """The same storage, dtype, shape and strides as ``im`` (a complex tensor's .imag),
+    with the negative bit set."""
+    base = torch.view_as_complex(torch.as_strided(im, (2, 2), (2, 1), im.storage_offset() - 1))
+    out = base.conj().imag
+    assert out.is_neg() and out.untyped_storage()._cdata == im.untyped_storage()._cdata
+    return out
 
 
 def _rekey(sd, old, new):
@@ -79,6 +93,8 @@ def test_a_changed_structure_is_planned_afresh_and_values_alone_reuse_the_plan(m
     for k in ("model",):
         for kk in want[k]:
             same_tensor(back[k][kk], want[k][kk], f"{name}: {k}.{kk}")
+    for k in ("z", "im"):
+        same_tensor(back[k], want[k], f"{name}: {k}")
     assert back["model"]._metadata == want["model"]._metadata
     assert repr(back["model"]._metadata) == repr(want["model"]._metadata)   # types too: True vs 1
     assert [(type(k), repr(k)) for k in back] == [(type(k), repr(k)) for k in want]
@@ -111,3 +127,17 @@ def test_nesting_deeper_than_the_recursion_limit_is_planned_afresh():
         deep = {"d": deep}
     assert structure_key(deep) is None
     assert structure_key({"a": [torch.ones(1)], "b": {"c": 1}}) is not None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.ones(2, device="meta"),
+    lambda: torch.ones(2, 2).to_sparse(),
+    lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8),
+], ids=["meta", "sparse", "quantized"])
+def test_tensors_the_key_cannot_describe_are_never_reused(make):
+    """Found by their dispatch key set (one C call), also when met first in a dict."""
+    from zckpt.tree import structure_key
+    plain = {"a": torch.ones(2)}
+    assert structure_key(plain) is not None
+    for sd in ({"a": torch.ones(2), "x": make()}, {"a": [make()]}):
+        assert structure_key(sd) is None

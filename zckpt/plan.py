@@ -15,6 +15,7 @@ Pure functions of the flattened state dict; nothing here touches shared memory o
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -85,10 +86,17 @@ class ShardPlan:
     header: bytes
     nbytes: int                  # whole file
 
-    @property
+    # Cached: a plan is immutable once made and is reused save after save, and these
+    # cost ~1 us per piece to rebuild (2 ms of a 2,000-tensor save's blocked time).
+    @functools.cached_property
     def chunks(self) -> list[tuple[int, int]]:
         """Checksum ranges: the header, then every entry."""
         return [(0, len(self.header))] + [(p.file_offset, p.nbytes) for p in self.pieces]
+
+    @functools.cached_property
+    def copies(self) -> list[tuple[int, int, int, int]]:
+        """The staging program: ``(file_offset, sid, start, nbytes)`` per piece."""
+        return [(p.file_offset, p.sid, p.start, p.nbytes) for p in self.pieces]
 
 
 @dataclass
@@ -101,10 +109,20 @@ class SavePlan:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.storages)
 
-    @property
+    @functools.cached_property
     def on_device(self) -> bool:
         """Whether any storage is off the CPU (staging then goes through _cuda)."""
         return any(not s.device.startswith("cpu") for s in self.storages)
+
+    @functools.cached_property
+    def on_cpu(self) -> list[bool]:
+        """Per storage: whether it is in CPU memory (copied with memmove when small)."""
+        return [s.device.startswith("cpu") for s in self.storages]
+
+    @functools.cached_property
+    def needs_pinning(self) -> bool:
+        """Whether any storage is on a CUDA device (the arena is then page-locked)."""
+        return any(s.device.startswith("cuda") for s in self.storages)
 
 
 

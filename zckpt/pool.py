@@ -315,7 +315,7 @@ class CheckpointPool:
         plan, _, sources = self._plan(state_dict)
         sources.clear()
         sizes = [s.nbytes for s in plan.shards]
-        pin = _needs_pinning(plan)
+        pin = plan.needs_pinning
         held = []
         try:
             for _ in range(self.config.staging_buffers):
@@ -368,7 +368,7 @@ class CheckpointPool:
 
     def _acquire(self, plan: SavePlan) -> BufferSet:
         return self._arena.acquire([s.nbytes for s in plan.shards], self.config.buffer_wait_timeout_s,
-                                   pin=_needs_pinning(plan))
+                                   pin=plan.needs_pinning)
 
     def _make_temp_dirs(self, finals: list[str]) -> list[str]:
         tmp_dirs: list[str] = []
@@ -609,10 +609,6 @@ def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
         fut.set_exception(exc)
     else:
         fut.set_result(result)
-
-
-def _needs_pinning(plan: SavePlan) -> bool:
-    return any(s.device.startswith("cuda") for s in plan.storages)
 
 
 def _json_metadata(metadata: Mapping[str, Any] | None) -> Any:

@@ -55,21 +55,22 @@ def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedSt
         from ._cuda import DeviceStager
         device_stager = DeviceStager()
     tasks = []
+    memmove, on_cpu = _memmove_holding_gil, plan.on_cpu
     with torch.no_grad():
         for shard in plan.shards:
             seg = bufset.segments[shard.index]
             out = seg.tensor
             base = out.data_ptr()
-            _memmove_holding_gil(base, shard.header, len(shard.header))
-            for p in shard.pieces:
-                src = sources[p.sid]
-                if p.nbytes < _SMALL and src.device.type == "cpu":
+            memmove(base, shard.header, len(shard.header))
+            for file_offset, sid, start, nbytes in shard.copies:
+                src = sources[sid]
+                if nbytes < _SMALL and on_cpu[sid]:
                     # ~1 us, against ~10 us for building byte views and a torch copy_:
                     # tens of ms over thousands of small tensors.
-                    _memmove_holding_gil(base + p.file_offset, src.data_ptr() + p.start, p.nbytes)
+                    memmove(base + file_offset, src.data_ptr() + start, nbytes)
                 else:  # large: torch's copy runs on several threads; device: async on a side stream
-                    _copy(out[p.file_offset: p.file_offset + p.nbytes],
-                          byte_view(src)[p.start: p.start + p.nbytes], device_stager)
+                    _copy(out[file_offset: file_offset + nbytes], byte_view(src)[start: start + nbytes],
+                          device_stager)
             tasks.append(FileTask(shard.name, seg.ref(), 0, shard.nbytes, shard.chunks))
         if device_stager is not None:
             device_stager.wait()
