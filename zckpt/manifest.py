@@ -44,18 +44,24 @@ import xxhash
 
 from .errors import CorruptCheckpointError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY",
            "CHECKSUM_ALGORITHMS", "TREE_ENCODING", "Manifest", "FileRecord", "StorageRecord", "PartRecord",
            "TensorRecord", "CommitRecord", "build_manifest", "parse_manifest", "frozen_path", "checksum_hex",
            "write_manifest", "read_manifest", "read_manifest_body", "with_commit_record", "commit_record",
            "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body"]
 
 FORMAT_NAME = "zckpt"
+# 3: a multi-rank checkpoint (zckpt.distributed): files live in rank-<r>/ sub-directories
+# and a tensor may be several records, one per box (global_offset/global_shape) of it.
+# Written only by multi-rank saves, so that an older zckpt refuses them instead of
+# loading one rank's shard as the whole tensor; a single-rank save still writes 2.
 # 2: the structure is a pickle with persistent ids (zckpt.tree), tensor records carry
 # typed key paths. 1: the structure was tagged JSON, tensor records a joined "key"; still
 # read (reader.py).
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+MULTI_RANK_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+_RANK_FILE_RE = re.compile(r"rank-(0|[1-9][0-9]{0,8})/([^/\\\0]+)")
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHMS = ("xxh3_64", "none")
 # The body's commit record, {"sequence": N, "unix_time_ns": T}: what orders checkpoints
@@ -452,7 +458,7 @@ def parse_manifest(body: Any, where: str) -> Manifest:
     raw_files, raw_storages, raw_tensors = body.get("files"), body.get("storages"), body.get("tensors")
     if not (isinstance(raw_files, list) and isinstance(raw_storages, list) and isinstance(raw_tensors, list)):
         raise c.bad("files, storages and tensors", "must be lists")
-    files = tuple(_parse_file(c, f, i) for i, f in enumerate(raw_files))
+    files = tuple(_parse_file(c, f, i, version) for i, f in enumerate(raw_files))
     storages = tuple(_parse_storage(c, s, i, files) for i, s in enumerate(raw_storages))
     tensors = tuple(_parse_tensor(c, t, i, len(storages), version) for i, t in enumerate(raw_tensors))
     return Manifest(version=version, checksum=checksum, tree=tree, metadata=body.get("metadata"),
@@ -460,12 +466,19 @@ def parse_manifest(body: Any, where: str) -> Manifest:
                     created_unix=created, commit=_commit(body))
 
 
-def _parse_file(c: _Checker, raw: Any, i: int) -> FileRecord:
+def _parse_file(c: _Checker, raw: Any, i: int, version: int) -> FileRecord:
     at = f"files[{i}]"
     f = c.obj(raw, at)
     name = c.text(f.get("name"), at, "name")
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise c.bad(f"{at}.name", f"{name!r} is not a plain file name")
+    rank = c.opt_nat(f.get("rank"), at, "rank")
+    plain = name
+    if version >= MULTI_RANK_VERSION and (m := _RANK_FILE_RE.fullmatch(name)) is not None:
+        if rank != int(m.group(1)):
+            raise c.bad(f"{at}.name", f"{name!r} lies in the directory of another rank than its rank {rank}")
+        plain = m.group(2)
+    if not plain or plain in (".", "..") or "/" in plain or "\\" in plain or "\0" in plain:
+        raise c.bad(f"{at}.name", f"{name!r} is not a plain file name"
+                    + (" or rank-<r>/<plain file name>" if version >= MULTI_RANK_VERSION else ""))
     nbytes = c.nat(f.get("nbytes"), at, "nbytes")
     worker = c.nat(f.get("worker"), at, "worker")
     chunks = []
@@ -492,8 +505,7 @@ def _parse_file(c: _Checker, raw: Any, i: int) -> FileRecord:
     return FileRecord(name=name, nbytes=nbytes, worker=worker, chunks=tuple(chunks),
                       checksums=tuple(sums) if sums is not None else None,
                       write_s=c.seconds(f.get("write_s"), at, "write_s"),
-                      hash_s=c.seconds(f.get("hash_s"), at, "hash_s"),
-                      rank=c.opt_nat(f.get("rank"), at, "rank"))
+                      hash_s=c.seconds(f.get("hash_s"), at, "hash_s"), rank=rank)
 
 
 def _parse_storage(c: _Checker, raw: Any, i: int, files: tuple[FileRecord, ...]) -> StorageRecord:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import collections
 import ctypes
+import functools
 import io
 import json
 import os
@@ -26,7 +27,16 @@ import xxhash
 
 from .errors import CorruptCheckpointError
 from .format import dtype_from_name, dtype_name
-from .manifest import FileRecord, Manifest, PartRecord, TensorRecord, checksum_hex, decode_skeleton, read_manifest
+from .manifest import (
+    MULTI_RANK_VERSION,
+    FileRecord,
+    Manifest,
+    PartRecord,
+    TensorRecord,
+    checksum_hex,
+    decode_skeleton,
+    read_manifest,
+)
 from .tree import display_path, encode_path, iter_tensors, load_skeleton, path_key, rebuild_tensor
 
 __all__ = ["load", "verify"]
@@ -196,6 +206,9 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
     checks = verify and m.checks
     records = m.tensors
     if into is not None:
+        if m.version >= MULTI_RANK_VERSION:
+            raise ValueError(f"{directory} is a multi-rank checkpoint: load it into a state dict with "
+                             "zckpt.distributed.load(path, state_dict), or whole with zckpt.load(path)")
         return _load_into(directory, m, paths, into, checks, strict, num_threads, weights_only)
     devices = _restore_plan(m, map_location, directory)
     buffers: list[torch.Tensor | None] = [torch.empty(st.nbytes, dtype=torch.uint8) for st in m.storages]
@@ -203,7 +216,49 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
     storages = [_place(buf, dev, st.device, map_location)
                 for st, buf, dev in zip(m.storages, buffers, devices, strict=False) if buf is not None]
     del buffers
+    if m.version >= MULTI_RANK_VERSION:
+        return _rebuild(directory, m, functools.partial(_assemble, m, _boxes_by_path(m), storages), storages,
+                        weights_only)
     return _rebuild(directory, m, lambda i: _tensor_from(records[i], storages), storages, weights_only)
+
+
+def _boxes_by_path(m: Manifest) -> dict[Any, list[TensorRecord]]:
+    """A multi-rank manifest's boxed records, grouped by the tensor (key path) they are pieces of."""
+    groups: dict[Any, list[TensorRecord]] = {}
+    for rec in m.tensors:
+        if rec.global_shape is not None and rec.path is not None:
+            groups.setdefault(rec.path, []).append(rec)
+    return groups
+
+
+def _assemble(m: Manifest, groups: dict[Any, list[TensorRecord]], storages: list[torch.UntypedStorage],
+              i: int) -> torch.Tensor:
+    """Tensor ``i`` of a multi-rank checkpoint: whole, from every box saved of it.
+
+    A tensor saved whole (a replicated one, written by one rank) is a view of its storage,
+    as in a single-rank checkpoint (sharing between such tensors is kept); one saved in
+    pieces (a DTensor's shards) is a new contiguous tensor of its global shape.
+    """
+    rec = m.tensors[i]
+    pieces = groups.get(rec.path, []) if rec.global_shape is not None else []
+    if len(pieces) <= 1 and (rec.global_shape is None or tuple(rec.shape) == tuple(rec.global_shape)):
+        return _tensor_from(rec, storages)
+    assert rec.global_shape is not None
+    out = torch.empty(tuple(rec.global_shape), dtype=dtype_from_name(rec.dtype))
+    covered = 0
+    for piece in pieces:
+        if piece.dtype != rec.dtype or tuple(piece.global_shape or ()) != tuple(rec.global_shape):
+            raise CorruptCheckpointError(f"tensor {rec.name}: its pieces disagree on dtype or global shape")
+        src = _tensor_from(piece, storages).detach()
+        assert piece.global_offset is not None
+        out[tuple(slice(o, o + n) for o, n in zip(piece.global_offset, piece.shape, strict=True))].copy_(src)
+        covered += src.numel()
+    if covered != out.numel():
+        raise CorruptCheckpointError(f"tensor {rec.name}: its saved pieces cover {covered} of its {out.numel()} "
+                                     "elements")
+    if rec.param:
+        return torch.nn.Parameter(out, requires_grad=rec.requires_grad)
+    return out.requires_grad_(rec.requires_grad) if rec.requires_grad else out
 
 
 def _tensor_from(rec: TensorRecord, storages: list[torch.UntypedStorage]) -> torch.Tensor:

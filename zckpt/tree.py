@@ -260,6 +260,10 @@ class Collector:
             check_storable(t, repr(display_path(path)))
             self._add(path, t)
 
+    def add(self, path: KeyPath | None, t: torch.Tensor) -> int:
+        """Register ``t`` under ``path`` as the next tensor; return its index."""
+        return self._add(path, t)
+
     def _add(self, path: KeyPath | None, t: torch.Tensor) -> int:
         index = len(self.tensors)
         self.tensors.append((path, t))   # holds t: its id() cannot be reused meanwhile
