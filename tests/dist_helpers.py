@@ -1,9 +1,10 @@
 """Run a function on N gloo ranks spawned from a test, with a deadline, and clean up.
 
-Each rank is a spawned process with ``torch.distributed`` initialised on 127.0.0.1 (a
-free port, gloo); ``fn(rank, world, *args)`` runs there and its return value (or its
-traceback) comes back through a queue. Every rank is killed (by pid) and joined when the
-call returns or raises, whatever happened.
+Each rank is a spawned process with ``torch.distributed`` initialised (gloo) on a
+``TCPStore`` that the test process itself hosts on 127.0.0.1, as ``torchrun``'s agent
+does: a rank that dies does not take the Store with it. ``fn(rank, world, *args)`` runs
+there and its return value (or its traceback) comes back through a queue. Every rank is
+killed (by pid) and joined, and the Store shut down, when the call returns or raises.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -20,18 +20,12 @@ from datetime import timedelta
 from typing import Any
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: Any) -> None:
     import torch.distributed as dist
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
         try:
             result = fn(rank, world, *args)
             out.put((rank, True, result))
@@ -49,9 +43,11 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 1
               allow_missing: frozenset[int] = frozenset()) -> dict[int, Any]:
     """``{rank: fn's result}``; raises RankFailed with the tracebacks if a rank raised or
     did not answer within ``timeout`` (ranks in ``allow_missing`` may die silently)."""
+    import torch.distributed as dist
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port()
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    port = server.port
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out), daemon=True) for r in range(world)]
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
@@ -83,6 +79,7 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 1
         for p in procs:
             p.join(timeout=10)
         out.close()
+        del server   # the Store's server thread and socket go with it
     missing = sorted(set(range(world)) - set(allow_missing) - set(results) - set(errors))
     if errors or missing:
         msg = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))

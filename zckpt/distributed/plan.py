@@ -62,6 +62,7 @@ class RankPlan:
     leaves: list[Leaf]
     owners: list[int]             # per leaf, the rank that writes this rank's piece of it
     piece_owners: list[list[int]]  # per leaf, the writing rank of each of its pieces
+    written: list[tuple[int, int]]  # (bytes, writing rank) of every piece written, whole save
     proxy: Any                    # the state dict with every leaf a placeholder (for the skeleton)
     digest: str                   # of the global structure; equal on every rank that agrees
     describe: list[str]           # one line per leaf, to name differences between ranks
@@ -74,9 +75,8 @@ class RankPlan:
     def bytes_per_rank(self, ranks: Sequence[int]) -> dict[int, int]:
         """Bytes each rank writes (the whole save's, as every rank computes it alike)."""
         out = {r: 0 for r in ranks}
-        for leaf, owners in zip(self.leaves, self.piece_owners, strict=True):
-            for k, owner in enumerate(owners):
-                out[owner] = out.get(owner, 0) + leaf.piece_nbytes(k)
+        for nbytes, owner in self.written:
+            out[owner] = out.get(owner, 0) + nbytes
         return out
 
 
@@ -187,15 +187,34 @@ def plan_rank(state_dict: Any, ranks: Sequence[int]) -> RankPlan:
         return out
 
     proxied = proxy(state_dict, ())
-    flat = [(leaf.piece_nbytes(k), reps) for leaf in leaves for k, (_, reps) in enumerate(leaf.pieces)]
-    flat_owners = assign_owners(flat, group)
-    piece_owners, at = [], 0
+    # Replicated tensors that share a storage (a view of a weight, tied weights saved under
+    # two tensors) are written by one rank, so the checkpoint keeps them sharing: the
+    # first of them (in walk order, the same on every rank) heads the group.
+    head: dict[int, int] = {}
+    group_of: list[int] = []
     for leaf in leaves:
-        piece_owners.append(flat_owners[at: at + len(leaf.pieces)])
-        at += len(leaf.pieces)
+        if leaf.placements:
+            group_of.append(leaf.index)
+            continue
+        group_of.append(head.setdefault(leaf.local.untyped_storage()._cdata, leaf.index))
+    flat: list[tuple[int, tuple[int, ...]]] = []
+    where: dict[tuple[int, int], int] = {}
+    for leaf in leaves:
+        if group_of[leaf.index] != leaf.index:
+            continue
+        for k, (_, reps) in enumerate(leaf.pieces):
+            nbytes = leaf.local.untyped_storage().nbytes() if not leaf.placements else leaf.piece_nbytes(k)
+            where[(leaf.index, k)] = len(flat)
+            flat.append((nbytes, reps))
+    flat_owners = assign_owners(flat, group)
+    piece_owners = [[flat_owners[where[(group_of[leaf.index], k)]] for k in range(len(leaf.pieces))]
+                    for leaf in leaves]
     owners = [po[leaf.mine] for leaf, po in zip(leaves, piece_owners, strict=True)]
     describe = [f"{display_path(leaf.path)}: {dtype_name(leaf.local.dtype)}{list(leaf.box.global_shape)}"
-                f"{' ' + leaf.placements if leaf.placements else ''}" for leaf in leaves]
+                f"{' ' + leaf.placements if leaf.placements else ''}"
+                f"{f' shares #{group_of[leaf.index]}' if group_of[leaf.index] != leaf.index else ''}"
+                for leaf in leaves]
     token = json.dumps([[encode_path(leaf.path), d] for leaf, d in zip(leaves, describe, strict=True)],
                        default=repr, separators=(",", ":"))
-    return RankPlan(leaves, owners, piece_owners, proxied, xxhash.xxh3_64_hexdigest(token.encode()), describe)
+    written = [(nbytes, owner) for (nbytes, _), owner in zip(flat, flat_owners, strict=True)]
+    return RankPlan(leaves, owners, piece_owners, written, proxied, xxhash.xxh3_64_hexdigest(token.encode()), describe)
