@@ -90,9 +90,10 @@ def _mesh(world: int, shape: tuple[int, ...] | None = None) -> Any:
 
 def round_trip(rank: int, world: int, root: str) -> dict[str, Any]:
     """Two saves in flight, both committed; load into Shard(1), and whole with zckpt.load."""
+    from torch.distributed.tensor import Shard
+
     import zckpt
     import zckpt.distributed as zd
-    from torch.distributed.tensor import Shard
     mesh = _mesh(world)
     with zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), commit_timeout_s=60) as ck:
         f1 = ck.save(sharded_state(mesh, [Shard(0)], step=1), f"{root}/step-1")
@@ -115,8 +116,9 @@ def round_trip(rank: int, world: int, root: str) -> dict[str, Any]:
 def load_at(rank: int, world: int, path: str, step: int, mesh_shape: tuple[int, ...] | None,
             placements: list[str]) -> list[str]:
     """Load a checkpoint saved at another world size into this world's placements."""
-    import zckpt.distributed as zd
     from torch.distributed.tensor import Replicate, Shard
+
+    import zckpt.distributed as zd
     mesh = _mesh(world, mesh_shape)
     pl = [Replicate() if p == "R" else Shard(int(p[1:])) for p in placements]
     target = empty_like_state(mesh, pl)
@@ -126,9 +128,10 @@ def load_at(rank: int, world: int, path: str, step: int, mesh_shape: tuple[int, 
 
 def save_with(rank: int, world: int, root: str, mesh_shape: tuple[int, ...] | None, placements: list[str],
               step: int) -> str:
+    from torch.distributed.tensor import Replicate, Shard
+
     import zckpt
     import zckpt.distributed as zd
-    from torch.distributed.tensor import Replicate, Shard
     mesh = _mesh(world, mesh_shape)
     pl = [Replicate() if p == "R" else Shard(int(p[1:])) for p in placements]
     with zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), commit_timeout_s=60) as ck:
@@ -139,10 +142,12 @@ def failure(rank: int, world: int, root: str, kind: str) -> dict[str, Any]:
     """A committed save, then one that fails on rank 1 in the way ``kind`` says, then one more.
 
     Returns what each rank saw of the failed save and of the recovery."""
+    from torch.distributed.tensor import Shard
+
     import zckpt
     import zckpt.distributed as zd
+
     from _writers import FailingWriter, GateWriter
-    from torch.distributed.tensor import Shard
     mesh = _mesh(world)
     gate = os.path.join(root, f"gate-{rank}")
     os.makedirs(gate, exist_ok=True)
@@ -224,9 +229,10 @@ def _wait_file(path: str, timeout: float) -> None:
 
 def mismatch(rank: int, world: int, root: str) -> dict[str, Any]:
     """Rank 1 holds a key the others lack: the save fails on every rank, naming it."""
+    from torch.distributed.tensor import Shard
+
     import zckpt
     import zckpt.distributed as zd
-    from torch.distributed.tensor import Shard
     mesh = _mesh(world)
     sd = sharded_state(mesh, [Shard(0)], step=1)
     if rank == 1:
@@ -242,10 +248,10 @@ def mismatch(rank: int, world: int, root: str) -> dict[str, Any]:
 def busy_collectives(rank: int, world: int, root: str) -> dict[str, Any]:
     """The main thread all-reduces without pause while saves stage and commit."""
     import torch.distributed as dist
+    from torch.distributed.tensor import Shard
 
     import zckpt
     import zckpt.distributed as zd
-    from torch.distributed.tensor import Shard
     mesh = _mesh(world)
     done = threading.Event()
     reduces = 0
