@@ -318,3 +318,55 @@ def fsdp2(rank: int, world: int, root: str) -> dict[str, Any]:
         whole = zckpt.load(path)
         out["bad_whole"] = [k for k in want_model if not torch.equal(whole["model"][k], want_model[k])]
     return out
+
+
+def coordinator_dies(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Rank 0 (the coordinator) exits while its part of the second save is being written."""
+    from torch.distributed.tensor import Shard
+
+    import zckpt
+    import zckpt.distributed as zd
+
+    from _writers import GateWriter
+    mesh = _mesh(world)
+    gate = os.path.join(root, f"gate-{rank}")
+    os.makedirs(gate, exist_ok=True)
+    factory = _switchable(GateWriter) if rank == 0 else None
+    kwargs = {"gate_dir": gate} if rank == 0 else None
+    ck = zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), commit_timeout_s=3.0, writer_factory=factory,
+                                    writer_kwargs=kwargs)
+    try:
+        ck.save(sharded_state(mesh, [Shard(0)], step=1), f"{root}/step-1").result(timeout=90)
+        _arm(rank, root, True)
+        t0 = time.monotonic()
+        fut = ck.save(sharded_state(mesh, [Shard(0)], step=2), f"{root}/step-2")
+        if rank == 0:
+            _wait_file(os.path.join(gate, f"started-{ck._pool.worker_pids[0]}"), 30)
+            os._exit(0)        # no report, no verdict, no cleanup (its workers follow it: parent-death signal)
+        try:
+            fut.result(timeout=60)
+            return {"failed": None}
+        except zd.CheckpointAborted as exc:
+            return {"failed": sorted(exc.reasons), "message": str(exc), "after_s": time.monotonic() - t0,
+                    "exists": os.path.exists(f"{root}/step-2"), "latest": zckpt.latest(root)}
+    finally:
+        if rank != 0:
+            ck.close()
+
+
+def load_mismatch(rank: int, world: int, path: str, which: str) -> str:
+    """A target the checkpoint cannot fill: the load fails on every rank."""
+    from torch.distributed.tensor import Shard
+
+    import zckpt.distributed as zd
+    mesh = _mesh(world)
+    target = empty_like_state(mesh, [Shard(0)])
+    if which == "extra_key" and rank == 1:
+        target["not_saved"] = torch.zeros(2)
+    if which == "shape":
+        target["rep"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    try:
+        zd.load(path, target)
+        return "loaded"
+    except (KeyError, ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"

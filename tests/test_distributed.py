@@ -149,3 +149,25 @@ def test_fsdp2_model_and_optimizer_state(tmp_path):
     res = run_ranks(2, fsdp2, str(tmp_path))
     assert res[0]["bad_model"] == [] and res[1]["bad_model"] == []
     assert res[0]["bad_whole"] == []
+
+
+def test_a_dead_coordinator_aborts_the_save_on_the_other_ranks(tmp_path):
+    from dist_cases import coordinator_dies
+    res = run_ranks(2, coordinator_dies, str(tmp_path), allow_missing=frozenset({0}))
+    got = res[1]
+    assert got["failed"] == [0], got
+    assert "no verdict from the coordinator (rank 0)" in got["message"]
+    assert got["after_s"] < 2 * 3.0 + 10
+    assert not got["exists"] and got["latest"] == str(tmp_path / "step-1")
+
+
+@pytest.mark.parametrize("which", ["extra_key", "shape"])
+def test_a_load_that_cannot_be_satisfied_fails_on_every_rank_naming_the_key(tmp_path, which):
+    from dist_cases import load_mismatch, save_with
+    path = run_ranks(2, save_with, str(tmp_path), None, ["S0"], 1)[0]
+    res = run_ranks(2, load_mismatch, path, which)
+    if which == "extra_key":
+        assert "KeyError" in res[1] and "not_saved" in res[1], res
+        assert "RuntimeError" in res[0] and "another rank" in res[0], res
+    else:
+        assert all("ValueError" in v and "rep" in v for v in res.values()), res

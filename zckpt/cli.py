@@ -32,6 +32,9 @@ def _inspect(path: str) -> int:
     print(f"{path}: zckpt format v{m.version}, {len(m.tensors)} tensors in "
           f"{len(m.storages)} storages, {_human(m.nbytes)} in {len(files)} files, "
           f"checksum {m.checksum}, torch {m.torch_version or '?'}")
+    ranks = sorted({f.rank for f in files if f.rank is not None})
+    if ranks:
+        print(f"multi-rank: written by {len(ranks)} ranks ({', '.join(map(str, ranks))})")
     if m.metadata is not None:
         print(f"metadata: {m.metadata}")
     print("\nfiles:")
@@ -47,7 +50,13 @@ def _inspect(path: str) -> int:
         st = m.storages[t.storage]
         where = ", ".join(f"{files[p.file].name}@{p.offset}" for p in st.parts) or "(empty)"
         shape = "x".join(map(str, t.shape)) or "scalar"
-        print(f"  {t.name:<40} {t.dtype:<14} {shape:<16} storage {t.storage:<4} {where}")
+        box = ""
+        if t.global_shape is not None and t.global_offset is not None:
+            box = (f"  box [{', '.join(f'{o}:{o + n}' for o, n in zip(t.global_offset, t.shape, strict=True))}]"
+                   f" of {'x'.join(map(str, t.global_shape)) or 'scalar'}")
+            if st.rank is not None:
+                box += f" (rank {st.rank})"
+        print(f"  {t.name:<40} {t.dtype:<14} {shape:<16} storage {t.storage:<4} {where}{box}")
     return 0
 
 

@@ -46,8 +46,9 @@ __all__ = ["DistributedCheckpointer", "CheckpointAborted", "DistributedSaveFutur
 
 logger = logging.getLogger(__name__)
 
-#: Past commit_timeout_s a rank waits this much longer for the coordinator's verdict
-#: before it claims an abort itself (the coordinator's own deadline comes first).
+#: Past commit_timeout_s a rank waits this much longer (or commit_timeout_s again, if less)
+#: for the coordinator's verdict before it claims an abort itself: the coordinator's own
+#: deadline comes first, and the claim keeps a late coordinator from committing anyway.
 VERDICT_MARGIN_S = 30.0
 #: Construction: how long ranks wait for the coordinator to publish the run's nonce.
 NONCE_TIMEOUT_S = 300.0
@@ -246,7 +247,7 @@ class DistributedCheckpointer:
             verdict = self._decide(store, keys, final, root, plan, tree, metadata)
         else:
             verdict = T.await_verdict(store, keys, self.rank, self.coordinator, final,
-                                      self.commit_timeout_s + VERDICT_MARGIN_S)
+                                      self.commit_timeout_s + min(VERDICT_MARGIN_S, self.commit_timeout_s))
             if not verdict.committed:
                 shutil.rmtree(rank_dir(root, self.rank), ignore_errors=True)
         T.acknowledge(store, keys, self.ranks)
