@@ -408,3 +408,56 @@ def test_a_too_long_tmpdir_is_refused_before_anything_is_created(tmp_path, monke
     assert str(long_dir) in str(info.value)
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert os.listdir(long_dir) == []
+
+
+# --- 5. an unclosed pool collected on its own supervisor thread; Ctrl-C during start-up -------
+def test_a_pool_collected_on_its_supervisor_thread_still_frees_its_arena(tmp_path):
+    """The save's callback holds the last reference: the finalizer runs on the supervisor
+    thread, which must neither wait for nor join itself (found by review: the arena's memfds
+    stayed open for the life of the process)."""
+    import gc
+    import weakref
+
+    from conftest import _memfd_fds, wait_until
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        pool = zckpt.CheckpointPool(num_workers=2, config=zckpt.PoolConfig(fsync=False, init_timeout_s=30.0))
+        fut = pool.save({"w": torch.ones(8 << 20, dtype=torch.uint8)}, tmp_path / "a")
+        ref = weakref.ref(pool)
+        del pool
+        with pytest.warns(ResourceWarning):
+            fut.result(timeout=60)
+            wait_until(lambda: (gc.collect() or True) and ref() is None, 30, "the pool to be collected")
+        wait_until(lambda: not _memfd_fds(), 30, "the arena's memfds to close")
+    finally:
+        sys.unraisablehook = old_hook
+    assert not unraisable, [u.exc_value for u in unraisable]
+
+
+def _wait_forever_for(path: str) -> None:
+    open(path + ".started", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)   # polling cadence; this init is meant to be interrupted
+
+
+def test_ctrl_c_while_the_workers_start_tears_everything_down(tmp_path):
+    from conftest import wait_until, worker_children
+    gate = str(tmp_path / "gate")
+
+    def interrupt_once_started() -> None:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate + ".started") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=interrupt_once_started, daemon=True)
+    t.start()
+    with pytest.raises(KeyboardInterrupt):
+        zckpt.CheckpointPool(num_workers=1, config=zckpt.PoolConfig(init_timeout_s=60.0),
+                             init_fn=_wait_forever_for, init_args=(gate,))
+    t.join(timeout=30)
+    wait_until(lambda: not worker_children(), 15, "the workers to be gone")
+    assert not [th for th in threading.enumerate() if th.name.startswith("zckpt")]

@@ -84,17 +84,18 @@ class Engine:
             pool's shards, ``"write"`` for compat's whole state dicts).
         round_bytes: arena segment rounding (2 MiB for shards, a page for compat's
             one-segment-per-storage layout).
-        api: the front end's name in error messages (``"pool"``, ``"checkpoint process"``).
+        api: the front end's name in messages (``"checkpoint pool"``, ``"checkpoint process"``).
 
     Blocks until every worker has started (at most ``init_timeout_s`` plus
     ``START_REAP_MARGIN_S``); raises what start-up raised, after tearing down.
     """
 
     def __init__(self, config: PoolConfig, payload: bytes, *, writer_method: str, round_bytes: int,
-                 api: str = "pool") -> None:
+                 api: str = "checkpoint pool") -> None:
         self.owner_pid = os.getpid()
         self.config = config
         self.api = api
+        self._obj = api.split()[-1]   # how calls are named in messages: pool.save(), process.write()
         # Re-entrant: a signal handler may read stats/state or close() while the code it
         # interrupted holds the lock (a plain Lock would deadlock that thread).
         self.lock = threading.RLock()
@@ -111,7 +112,12 @@ class Engine:
         t0 = time.perf_counter()
         self.supervisor.start()
         sup = self.supervisor
-        if not sup.started_ok.wait(config.init_timeout_s + START_REAP_MARGIN_S) or sup.start_error:
+        try:
+            started = sup.started_ok.wait(config.init_timeout_s + START_REAP_MARGIN_S)
+        except BaseException:  # Ctrl-C during start-up: nothing else could ever stop these workers
+            self.teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S)
+            raise
+        if not started or sup.start_error:
             err = sup.start_error or TimeoutError(
                 f"timed out after {config.init_timeout_s:.1f}s waiting for checkpoint workers to start")
             self.teardown(kill=True, deadline=time.monotonic() + KILL_TEARDOWN_S)
@@ -155,7 +161,7 @@ class Engine:
         with self.lock:
             if self._state is PoolState.CLOSED:
                 return False
-            self._to(PoolState.BROKEN, PoolClosedError(f"the checkpoint {self.api} was killed"))
+            self._to(PoolState.BROKEN, PoolClosedError(f"the {self.api} was killed"))
         self.supervisor.kill_now()
         return True
 
@@ -164,15 +170,15 @@ class Engine:
         with self.lock:
             if self._state in (PoolState.READY, PoolState.STARTING, PoolState.CLOSING):
                 self._to(PoolState.BROKEN, cause)
-        logger.error("checkpoint %s broken: %s", self.api, cause)
+        logger.error("%s broken: %s", self.api, cause)
 
     def closed_error(self) -> PoolClosedError:
         """The error a refused call raises, naming why (call with ``lock`` held)."""
         if self._state is PoolState.BROKEN and self.cause is not None:
-            err = PoolClosedError(f"the checkpoint {self.api} is broken: {self.cause}")
+            err = PoolClosedError(f"the {self.api} is broken: {self.cause}")
             err.__cause__ = self.cause
             return err
-        return PoolClosedError(f"the checkpoint {self.api} is {self._state.value}")
+        return PoolClosedError(f"the {self.api} is {self._state.value}")
 
     def new_job_id(self) -> int:
         with self.lock:
@@ -187,7 +193,7 @@ class Engine:
     def check_owner(self) -> None:
         if os.getpid() != self.owner_pid:
             raise PoolClosedError(
-                f"this checkpoint {self.api} belongs to process {self.owner_pid}; process {os.getpid()} is a "
+                f"this {self.api} belongs to process {self.owner_pid}; process {os.getpid()} is a "
                 "fork of it and cannot use it (its workers, sockets and staging memory are the parent's): "
                 f"create a new {self.api} in the child")
 
@@ -201,14 +207,14 @@ class Engine:
         """True (and logs) in a forked child, where close/kill/finalization must do nothing."""
         if os.getpid() == self.owner_pid:
             return False
-        logger.debug("%s.%s() ignored in process %d: it belongs to process %d", self.api, call, os.getpid(),
+        logger.debug("%s.%s() ignored in process %d: it belongs to process %d", self._obj, call, os.getpid(),
                      self.owner_pid)
         return True
 
     def refuse_internal_thread(self, call: str) -> None:
         if getattr(self.local, "internal", False) or threading.current_thread() is self.supervisor:
             raise ReentrantSaveError(
-                f"{self.api}.{call}() was called on the {self.api}'s own thread "
+                f"{self._obj}.{call}() was called on the {self.api}'s own thread "
                 f"{threading.current_thread().name!r} (future callbacks run there), which it would wait for: "
                 "call it from your own thread, e.g. after fut.result() returns")
 
@@ -225,8 +231,8 @@ class Engine:
         local = self.local
         if getattr(local, "depth", 0):
             raise ReentrantSaveError(
-                f"{self.api}.{call}() was called on thread {threading.current_thread().name!r} while that "
-                f"thread is inside {self.api}.{local.inside}() of the same {self.api} (a signal handler or "
+                f"{self._obj}.{call}() was called on thread {threading.current_thread().name!r} while that "
+                f"thread is inside {self._obj}.{local.inside}() of the same {self.api} (a signal handler or "
                 "callback interrupted it): it would wait for the staging buffer its own thread holds. Set a "
                 f"flag in the handler and call {call}() after the interrupted call returns")
         local.depth, local.inside = 1, call
@@ -317,16 +323,22 @@ def _finalize(owner_pid: int, supervisor: Supervisor, arena: Arena, cleanup: Thr
     """
     if os.getpid() != owner_pid:
         return
-    pending = in_flight()
-    if pending and supervisor.is_alive():
-        logger.warning("exiting with %d checkpoint save(s) in flight and the pool not closed: waiting up to "
-                       "%.0fs for them to commit (close the pool to decide yourself)", len(pending), drain_s)
-        wait_all(pending, time.monotonic() + drain_s)
-    if supervisor.is_alive():
-        supervisor.kill_now()
-        supervisor.join(timeout=SUPERVISOR_LAST_JOIN_S)
-    cleanup.shutdown(wait=False)
-    arena.close()
+    # The last reference may die on the supervisor thread itself (a save's callback held
+    # it): that thread can neither wait for saves it would have to finish nor join itself.
+    on_supervisor = threading.current_thread() is supervisor
+    try:
+        pending = in_flight()
+        if pending and supervisor.is_alive() and not on_supervisor:
+            logger.warning("exiting with %d checkpoint save(s) in flight and the pool not closed: waiting up to "
+                           "%.0fs for them to commit (close the pool to decide yourself)", len(pending), drain_s)
+            wait_all(pending, time.monotonic() + drain_s)
+        if supervisor.is_alive():
+            supervisor.kill_now()
+            if not on_supervisor:
+                supervisor.join(timeout=SUPERVISOR_LAST_JOIN_S)
+    finally:
+        cleanup.shutdown(wait=False)
+        arena.close()
 
 
 def _mark_internal(local: threading.local) -> None:
