@@ -198,7 +198,7 @@ def test_a_version_1_manifest_still_parses():
     assert m.to_json() == body   # written back in its own version's layout
 
 
-@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99])
+@pytest.mark.parametrize("version", [max(READABLE_VERSIONS) + 1, 99])
 def test_a_newer_version_is_refused_with_upgrade_advice(version):
     body = golden()
     body["version"] = version
@@ -213,7 +213,7 @@ def test_an_unknown_version_is_refused(version):
     body["version"] = version
     with pytest.raises(CorruptCheckpointError, match=rf"format version {re.escape(repr(version))} is not supported"):
         parse_manifest(body, "here")
-    assert READABLE_VERSIONS == (1, 2)
+    assert READABLE_VERSIONS == (1, 2, 3)
 
 
 @pytest.mark.parametrize("fmt", [None, "zckpt2", 1])
@@ -422,3 +422,22 @@ def test_manifest_is_a_record_not_a_dict():
     assert isinstance(m, Manifest)
     with pytest.raises(TypeError):
         m["files"]  # type: ignore[index]
+
+
+def test_rank_directories_are_allowed_only_in_multi_rank_manifests():
+    """Version 3 names files rank-<r>/<name> (its rank field must agree); version 2 never
+    names a path, and nothing may climb out of the checkpoint."""
+    def with_file(version, name, rank):
+        body = golden()
+        body["version"] = version
+        body["files"][0]["name"] = name
+        if rank is not None:
+            body["files"][0]["rank"] = rank
+        return body
+
+    assert parse_manifest(with_file(3, "rank-1/shard.safetensors", 1), "v3").files[0].name == "rank-1/shard.safetensors"
+    for version, name, rank in [(2, "rank-1/shard.safetensors", 1), (3, "rank-1/shard.safetensors", 2),
+                                (3, "rank-1/../x", 1), (3, "rank-01/x", 1), (3, "../rank-1/x", 1),
+                                (3, "rank-1/a/b", 1), (3, "rank-1/", 1)]:
+        with pytest.raises(CorruptCheckpointError, match=r"files\[0\]\.name"):
+            parse_manifest(with_file(version, name, rank), "here")

@@ -74,12 +74,18 @@ class CheckpointAborted(ZckptError):
 
 class DistributedSaveFuture(Future):
     """``result()`` is the committed path (the same on every rank) or raises
-    :class:`CheckpointAborted`; ``staged`` is done once this rank's tensors are copied."""
+    :class:`CheckpointAborted`; ``staged`` is done once this rank's tensors are copied.
+
+    ``timings`` (seconds, filled as the save goes): ``blocked_s`` (the ``save()`` call),
+    ``local_durable_unix`` (this rank's files durable, wall clock), ``verdict_unix`` (the
+    verdict read here, wall clock), ``durable_s`` (from the call to the verdict).
+    """
 
     def __init__(self, path: str, staged: Future) -> None:
         super().__init__()
         self.path = path
         self.staged = staged
+        self.timings: dict[str, float] = {}
 
 
 class DistributedCheckpointer:
@@ -177,6 +183,7 @@ class DistributedCheckpointer:
                 saves then abort, naming this rank).
             PoolClosedError: the checkpointer is closed.
         """
+        t0 = time.perf_counter()
         final = os.path.abspath(os.fspath(path))
         with self._lock:
             if self._closed:
@@ -200,7 +207,9 @@ class DistributedCheckpointer:
                                    DistributedSaveFuture(final, failed))
             raise
         fut = DistributedSaveFuture(final, local.staged)
+        fut.timings["t0"] = t0
         self._committer.submit(self._commit, keys, seq, final, root, plan, tree, local, metadata, fut)
+        fut.timings["blocked_s"] = time.perf_counter() - t0
         return fut
 
     def _skeleton(self, plan: RankPlan) -> Any:
@@ -220,22 +229,26 @@ class DistributedCheckpointer:
     def _commit(self, keys: T.SaveKeys, seq: int, final: str, root: str, plan: RankPlan | None, tree: Any,
                 local: Future, metadata: Any, fut: DistributedSaveFuture) -> None:
         try:
-            verdict = self._commit_steps(keys, final, root, plan, tree, local, metadata)
+            verdict = self._commit_steps(keys, final, root, plan, tree, local, metadata, fut.timings)
         except BaseException as exc:  # noqa: BLE001 - a bug here must still resolve the future
             logger.exception("commit of %s failed on rank %d", final, self.rank)
             verdict = T.Verdict(False, final, {self.rank: f"{type(exc).__name__}: {exc}"})
+        fut.timings["verdict_unix"] = time.time()
+        if "t0" in fut.timings:
+            fut.timings["durable_s"] = time.perf_counter() - fut.timings.pop("t0")
         if verdict.committed:
             fut.set_result(verdict.path)
         else:
             fut.set_exception(CheckpointAborted(final, verdict.reasons))
 
     def _commit_steps(self, keys: T.SaveKeys, final: str, root: str, plan: RankPlan | None, tree: Any,
-                      local: Future, metadata: Any) -> T.Verdict:
+                      local: Future, metadata: Any, timings: dict[str, float]) -> T.Verdict:
         if self._client is None:
             self._client = T.client_of(self._store)
         store = self._client
         try:
             local.result()
+            timings["local_durable_unix"] = time.time()
             rep = T.Report(True, "", plan.digest if plan is not None else "")
         except BaseException as exc:  # noqa: BLE001 - reported to every rank
             rep = T.Report(False, f"{type(exc).__name__}: {exc}", plan.digest if plan is not None else "")
