@@ -235,8 +235,34 @@ def test_metadata_is_stored(make_pool, tmp_path):
     pool.save({"a": torch.ones(1)}, tmp_path / "c", metadata={"step": 5}).result(timeout=60)
     from zckpt.manifest import read_manifest
     assert read_manifest(str(tmp_path / "c")).metadata == {"step": 5}
+    assert zckpt.load_metadata(tmp_path / "c") == {"step": 5}
     with pytest.raises(TypeError, match="JSON"):
         pool.save({"a": torch.ones(1)}, tmp_path / "d", metadata={"x": object()})
+
+
+@pytest.mark.parametrize("metadata, says", [
+    (["a"], "must be a mapping"), ({1: "x"}, "key 1 .int.: JSON keys are strings"),
+    ({"t": (1, 2)}, r"metadata\['t'\] is a tuple"), ({"x": float("nan")}, "NaN and infinities"),
+    ({"x": [float("inf")]}, r"metadata\['x'\]\[0\] is inf"),
+])
+def test_metadata_that_would_not_read_back_equal_is_refused(make_pool, tmp_path, metadata, says):
+    """JSON would turn 1 into "1" and tuples into lists, and NaN is not JSON at all."""
+    pool = make_pool(num_workers=1)
+    with pytest.raises(TypeError, match=says):
+        pool.save({"a": torch.ones(1)}, tmp_path / "d", metadata=metadata)
+    assert not (tmp_path / "d").exists()
+    assert pool.save({"a": torch.ones(1)}, tmp_path / "e", metadata={"ok": [1, 2.5, None]}).result(timeout=60)
+    assert zckpt.load_metadata(tmp_path / "e") == {"ok": [1, 2.5, None]}
+
+
+def test_an_existing_directory_is_never_called_a_checkpoint(make_pool, tmp_path):
+    pool = make_pool(num_workers=1)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileExistsError, match="a directory already exists"):
+        pool.save({"a": torch.ones(1)}, tmp_path / "plain")
+    pool.save({"a": torch.ones(1)}, tmp_path / "ck").result(timeout=60)
+    with pytest.raises(FileExistsError, match="a checkpoint already exists"):
+        pool.save({"a": torch.ones(1)}, tmp_path / "ck")
 
 
 def test_close_is_graceful_and_idempotent(tmp_path):

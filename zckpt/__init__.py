@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CheckpointPool": "pool", "SaveFuture": "save", "SaveState": "save", "PoolState": "pool", "PoolStats": "pool",
     "PoolConfig": "config",
-    "load": "reader", "verify": "reader",
+    "load": "reader", "load_metadata": "reader", "verify": "reader",
     "latest": "commit",
     "ShardWriter": "writers", "LocalFileWriter": "writers",
     "ZckptError": "errors", "WorkerDiedError": "errors", "WorkerInitError": "errors",
@@ -32,7 +32,7 @@ _EXPORTS = {
 __all__ = [
     "CheckpointPool", "CorruptCheckpointError", "LocalFileWriter", "PoolClosedError", "PoolConfig",
     "PoolState", "PoolStats", "ReentrantSaveError", "SaveFuture", "SaveState", "ShardWriter", "WorkerDiedError",
-    "WorkerInitError", "ZckptError", "__version__", "latest", "load", "verify",
+    "WorkerInitError", "ZckptError", "__version__", "latest", "load", "load_metadata", "verify",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ZckptError,
     )
     from .pool import CheckpointPool, PoolState, PoolStats
-    from .reader import load, verify
+    from .reader import load, load_metadata, verify
     from .save import SaveFuture, SaveState
     from .writers import LocalFileWriter, ShardWriter
 

@@ -47,8 +47,8 @@ from .errors import CorruptCheckpointError
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY",
            "CHECKSUM_ALGORITHMS", "TREE_ENCODING", "Manifest", "FileRecord", "StorageRecord", "PartRecord",
            "TensorRecord", "CommitRecord", "build_manifest", "parse_manifest", "frozen_path", "checksum_hex",
-           "write_manifest", "read_manifest", "read_manifest_body", "with_commit_record", "commit_record",
-           "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body"]
+           "write_manifest", "json_metadata", "read_manifest", "read_manifest_body", "with_commit_record",
+           "commit_record", "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body"]
 
 FORMAT_NAME = "zckpt"
 # 3: a multi-rank checkpoint (zckpt.distributed): files live in rank-<r>/ sub-directories
@@ -254,6 +254,49 @@ def frozen_path(v: Any) -> Any:
 
 
 # --- writing ------------------------------------------------------------------------------------
+def json_metadata(metadata: Any) -> Any:
+    """``metadata`` checked to be a mapping of JSON data that reads back equal, or None.
+
+    Stricter than ``json.dumps``: keys must be ``str`` (JSON would turn ``1`` into
+    ``"1"``), tuples are refused (they would come back as lists), and so are NaN and
+    infinities (not JSON: strict parsers reject the file).
+
+    Raises:
+        TypeError: naming what is not JSON data.
+    """
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        from collections.abc import Mapping
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping (dict) of JSON data, got {type(metadata).__name__}")
+    plain = dict(metadata)
+    _check_json(plain, "metadata")
+    return json.loads(json.dumps(plain, allow_nan=False))
+
+
+def _check_json(v: Any, where: str) -> None:
+    t = type(v)
+    if v is None or t in (bool, int, str):
+        return
+    if t is float:
+        if not math.isfinite(v):
+            raise TypeError(f"{where} is {v!r}: NaN and infinities are not JSON")
+        return
+    if t is list:
+        for i, x in enumerate(v):
+            _check_json(x, f"{where}[{i}]")
+        return
+    if t is dict:
+        for k, x in v.items():
+            if type(k) is not str:
+                raise TypeError(f"{where} has the key {k!r} ({type(k).__name__}): JSON keys are strings")
+            _check_json(x, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} is a {t.__name__}, which JSON cannot hold as it is (use dict, list, str, int, "
+                    "float, bool or None)")
+
+
 def build_manifest(*, checksum: str, tree: Any, metadata: Any, torch_version: str | None,
                    files: list[FileRecord] | tuple[FileRecord, ...],
                    storages: list[StorageRecord] | tuple[StorageRecord, ...],

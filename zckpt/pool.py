@@ -51,7 +51,7 @@ from .arena import BufferSet
 from .config import PoolConfig
 from .engine import KILL_TEARDOWN_S, Engine, PoolState, wait_all
 from .errors import PoolClosedError, ZckptError
-from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton
+from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton, json_metadata
 from .plan import SavePlan, collect_storages, plan_records, plan_save
 from .save import FINAL, Save, SaveFuture, SaveState
 from .stager import stage_files
@@ -217,8 +217,7 @@ class CheckpointPool:
         finals = [final] + [os.path.join(m, os.path.basename(final)) for m in self.config.mirrors]
         for f in finals:
             if os.path.lexists(f):
-                what = "a checkpoint" if os.path.isdir(f) else "a file"
-                raise FileExistsError(f"{what} already exists at {f!r}; zckpt never overwrites anything")
+                raise FileExistsError(f"{_what_is_at(f)} already exists at {f!r}; zckpt never overwrites anything")
         save = self._register(finals, t0)
         fut = save.future
         if self.config.async_staging:
@@ -252,7 +251,7 @@ class CheckpointPool:
         which holds the state dict, is gone; or to FAILED if this raises.
         """
         fut, t0 = save.future, save.t0
-        save.metadata = _json_metadata(metadata)
+        save.metadata = json_metadata(metadata)
         plan, save.tree, sources = self._plan(state_dict)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
@@ -611,11 +610,8 @@ def _settle(fut: Future, result: Any, exc: BaseException | None) -> None:
         fut.set_result(result)
 
 
-def _json_metadata(metadata: Mapping[str, Any] | None) -> Any:
-    if metadata is None:
-        return None
-    import json
-    try:
-        return json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
+def _what_is_at(path: str) -> str:
+    """How to name what is in the way of a save: a checkpoint, a directory, or a file."""
+    if os.path.isdir(path):
+        return "a checkpoint" if os.path.exists(os.path.join(path, C.MANIFEST_NAME)) else "a directory"
+    return "a file"

@@ -39,7 +39,7 @@ from .manifest import (
 )
 from .tree import display_path, encode_path, iter_tensors, load_skeleton, path_key, rebuild_tensor
 
-__all__ = ["load", "verify"]
+__all__ = ["load", "load_metadata", "verify"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 MapLocation = None | str | torch.device | Mapping[str, Any] | Callable[..., Any]
@@ -153,6 +153,15 @@ def _check_files(directory: str, m: Manifest) -> list[str]:
                                          f"({'truncated' if size < f.nbytes else 'extended'})")
         paths.append(path)
     return paths
+
+
+def load_metadata(path: PathLike) -> Any:
+    """The ``metadata`` a checkpoint was saved with (JSON data, or None); reads only the manifest.
+
+    Raises:
+        FileNotFoundError, CorruptCheckpointError: as :func:`load`.
+    """
+    return read_manifest(os.fspath(path)).metadata
 
 
 def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool = True, verify: bool = True,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .. import commit as C
 from ..config import PoolConfig
 from ..errors import PoolClosedError, ZckptError
-from ..manifest import encode_skeleton
+from ..manifest import encode_skeleton, json_metadata
 from ..pool import CheckpointPool
 from ..tree import Collector, dump_skeleton, gc_paused
 from . import two_phase as T
@@ -194,7 +194,7 @@ class DistributedCheckpointer:
         root = f"{final}.dtmp-{self._nonce}-{seq}"
         try:
             if os.path.lexists(final):
-                raise FileExistsError(f"a checkpoint already exists at {final!r}; zckpt never overwrites anything")
+                raise FileExistsError(f"something already exists at {final!r}; zckpt never overwrites anything")
             plan = plan_rank(state_dict, self.ranks)
             tree = self._skeleton(plan) if self.is_coordinator else None
             local = self._pool.save(plan.owned(self.rank), rank_dir(root, self.rank),
@@ -319,7 +319,7 @@ class DistributedCheckpointer:
         return out
 
     def _write_index(self, final: str, root: str, plan: RankPlan, tree: Any, metadata: Any) -> None:
-        body = build_index(root, self.ranks, plan.leaves, tree=tree, metadata=_json_metadata(metadata),
+        body = build_index(root, self.ranks, plan.leaves, tree=tree, metadata=json_metadata(metadata),
                            checksum=self._checksum, created_unix=time.time())
         C.commit_dir(root, final, body, fsync=self._fsync)
         if self._keep_last is not None:
@@ -339,11 +339,12 @@ class DistributedCheckpointer:
         self._pool.close(timeout_s)
 
     def kill(self) -> None:
-        """Kill this rank's workers now; its saves in flight abort on every rank."""
+        """Kill this rank's workers now and return; its saves in flight abort on every rank
+        (their futures resolve once the verdict is read, within ``commit_timeout_s``)."""
         with self._lock:
             self._closed = True
         self._pool.kill()
-        self._committer.shutdown(wait=True)
+        self._committer.shutdown(wait=False)   # queued commits still run: each resolves its future
 
     def __enter__(self) -> DistributedCheckpointer:
         return self
@@ -353,14 +354,3 @@ class DistributedCheckpointer:
             self.close()
         else:
             self.kill()
-
-
-def _json_metadata(metadata: Mapping[str, Any] | None) -> Any:
-    if metadata is None:
-        return None
-    import json
-    try:
-        return json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
-
