@@ -289,3 +289,24 @@ def test_lambdas_travel_cloudpickled(processes, tmp_path):
     cp = processes(init_fn=lambda name, pid: open(str(seen), "w").write(name))
     cp.write(state(), str(tmp_path / "ckpt")).result(timeout=60)
     assert seen.read_text() == "test-checkpointer"
+
+
+class _ExplodesWhenPickled:
+    def __reduce__(self):
+        raise RuntimeError("boom while pickling")
+
+
+def test_the_writer_replaces_the_file_atomically(tmp_path):
+    """The original overwrites checkpoint_<rank>.pt in place: a failure (or a crash) mid-write
+    loses the previous checkpoint. Ours writes beside it and renames over it."""
+    from zckpt.compat import CheckpointWriter, CheckpointWriterConfig, RankInfo
+    w = CheckpointWriter(CheckpointWriterConfig(), RankInfo(global_rank=0, global_world_size=1))
+    target = tmp_path / "new" / "dir"
+    w.write(str(target), {"a": torch.arange(10)})
+    first = (target / "checkpoint_0.pt").read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        w.write(str(target), {"a": torch.arange(1000), "b": _ExplodesWhenPickled()})
+    assert (target / "checkpoint_0.pt").read_bytes() == first
+    assert os.listdir(target) == ["checkpoint_0.pt"]          # no staging directory left behind
+    w.write(str(target), {"a": torch.arange(3)})
+    assert torch.equal(torch.load(target / "checkpoint_0.pt")["a"], torch.arange(3))

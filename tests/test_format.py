@@ -163,3 +163,55 @@ def test_leftover_temp_dirs_are_swept_on_next_save(make_pool, tmp_path):
     pool.save({"s": torch.ones(1)}, root / "step-3").result(timeout=60)
     assert not dead.exists() and live.exists()
     assert sweep_temp_dirs(str(root)) == []
+
+
+def test_leftovers_are_judged_by_process_identity_not_pid(tmp_path):
+    """A pid alone lies: the kernel reuses it, and after a reboot it names another process.
+    Temp dirs carry pid, start time and boot id; only a match on all three is alive."""
+    from zckpt._proc import process_identity
+    root = tmp_path / "root"
+    root.mkdir()
+    pid, start, boot = process_identity(os.getppid())        # a live process: the test runner's parent
+    live = root / f"a.tmp-{pid}-{start}-{boot}-0badc0de"
+    reused = root / f"b.tmp-{pid}-{start + 1}-{boot}-0badc0de"     # same pid, another process
+    rebooted = root / f"c.tmp-{pid}-{start}-{'f' * 8 if boot != 'f' * 8 else '0' * 8}-0badc0de"
+    condemned = root / "d.del-0badc0de"                            # retention's leftover
+    for d in (live, reused, rebooted, condemned):
+        d.mkdir()
+        (d / "x").write_bytes(b"partial")
+    swept = sorted(os.path.basename(p) for p in sweep_temp_dirs(str(root)))
+    assert swept == sorted([reused.name, rebooted.name, condemned.name])
+    assert live.exists()
+
+
+def test_make_dirs_reports_what_it_created_top_down(tmp_path):
+    from zckpt.commit import make_dirs
+    (tmp_path / "a").mkdir()
+    assert make_dirs(str(tmp_path / "a" / "b" / "c")) == [str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b" / "c")]
+    assert make_dirs(str(tmp_path / "a" / "b" / "c")) == []
+
+
+def test_retention_renames_before_it_deletes_and_condemned_dirs_are_never_checkpoints(tmp_path, monkeypatch):
+    """A power loss mid-delete must leave the checkpoint whole or condemned (swept later),
+    never a half-deleted directory under a checkpoint's name."""
+    import shutil
+
+    from zckpt import commit as C
+    from zckpt.manifest import build_manifest
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(3):
+        tmp = root / f"s{i}.tmp-1-0badc0de"
+        tmp.mkdir()
+        C.commit_dir(str(tmp), str(root / f"s{i}"), build_manifest(
+            checksum="none", tree=None, metadata=None, torch_version=None, files=[], storages=[], tensors=[],
+            created_unix=None), fsync=False)
+    seen = []
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: seen.append(os.path.basename(p)))   # "crash" before delete
+    removed = C.apply_retention(str(root), keep_last=1)
+    assert [os.path.basename(p) for p in removed] == ["s0", "s1"]
+    assert all(C._DEL_RE.search(n) for n in seen) and len(seen) == 2
+    assert C.committed(str(root)) == [str(root / "s2")]          # the condemned ones are not checkpoints
+    monkeypatch.undo()
+    C.sweep_temp_dirs(str(root))
+    assert sorted(os.listdir(root)) == ["s2"]

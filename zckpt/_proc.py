@@ -49,6 +49,41 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def boot_id() -> str:
+    """This boot's id (8 hex digits of /proc/sys/kernel/random/boot_id; "0" * 8 without it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:8]
+    except OSError:
+        return "0" * 8
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_identity(pid: int | None = None) -> tuple[int, int, str]:
+    """``(pid, start time, boot id)``: names one process for good, unlike a pid, which the
+    kernel reuses, and which means nothing after a reboot."""
+    pid = os.getpid() if pid is None else pid
+    return pid, start_time(pid) or 0, boot_id()
+
+
+def identity_alive(pid: int, start: int, boot: str) -> bool:
+    """Whether the process named by :func:`process_identity` still runs."""
+    if boot != boot_id():
+        return False        # rebooted since: nothing from before runs
+    if not pid_alive(pid):
+        return False
+    now = start_time(pid)
+    return now is None or now == start   # another start time: the pid was reused
+
+
 def sweep_stale_ipc_dirs(tmpdir: str) -> list[str]:
     """Remove ``zckpt-<pid>-*`` socket directories of trainers that no longer run.
 

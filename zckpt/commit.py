@@ -27,27 +27,62 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Union
 
-from ._proc import pid_alive
+from ._proc import identity_alive, pid_alive, process_identity
 from .errors import CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, peek_commit_record, read_manifest, with_commit_record, write_manifest
 
-__all__ = ["temp_dir_for", "is_temp_dir", "fsync_dir", "commit_dir", "latest", "committed",
-           "next_sequence", "apply_retention", "sweep_temp_dirs", "discard"]
+__all__ = ["temp_dir_for", "is_temp_dir", "make_dirs", "fsync_created", "fsync_dir", "commit_dir", "latest",
+           "committed", "next_sequence", "apply_retention", "sweep_temp_dirs", "discard"]
 
 logger = logging.getLogger(__name__)
 
-# <path>.tmp-<trainer pid>-<random>: the pid tells a live trainer's save in progress
-# from a crashed trainer's leftovers.
-_TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
+# <path>.tmp-<pid>-<start time>-<boot id>-<random>: the trainer that owns a save in
+# progress, named so that a reused pid or a reboot never makes a crashed trainer's leftover
+# look alive (the older <path>.tmp-<pid>-<random> is still recognised, by pid alone).
+_TMP_RE = re.compile(r"\.tmp-(\d+)-(?:(\d+)-([0-9a-f]{8})-)?[0-9a-f]{8}$")
+# <path>.del-<random>: a checkpoint retention has condemned (renamed, then deleted).
+_DEL_RE = re.compile(r"\.del-[0-9a-f]{8}$")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 def temp_dir_for(final: str) -> str:
-    return f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    pid, start, boot = process_identity()
+    return f"{final}.tmp-{pid}-{start}-{boot}-{uuid.uuid4().hex[:8]}"
 
 
 def is_temp_dir(name: str) -> bool:
-    return bool(_TMP_RE.search(name))
+    """A save in progress or a condemned checkpoint: never a checkpoint of its root."""
+    return bool(_TMP_RE.search(name) or _DEL_RE.search(name))
+
+
+def make_dirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)`` that returns the directories it created, top
+    down: their entries are not durable until each one's parent is fsynced (see
+    :func:`fsync_created`)."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    created = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+            created.append(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+    return created
+
+
+def fsync_created(created: list[str]) -> None:
+    """Make directories :func:`make_dirs` created durable: fsync each one's parent, top
+    down (a directory whose entry is lost takes everything under it along)."""
+    for d in created:
+        fsync_dir(os.path.dirname(d) or ".")
 
 
 def fsync_dir(path: str) -> None:
@@ -283,15 +318,18 @@ def apply_retention(root: str, keep_last: int, protect: str | None = None) -> li
     for path in done:
         if path in keep or os.path.abspath(path) in keep:
             continue
-        # Unlink the manifest first: a crash mid-delete leaves an uncommitted directory,
-        # never a committed one with missing shards.
+        # Rename first, make that durable, then delete: after a power loss the checkpoint
+        # is either whole under its name or a condemned .del- directory that the next
+        # save's sweep removes; never a half-deleted directory under a checkpoint's name.
+        condemned = f"{path}.del-{uuid.uuid4().hex[:8]}"
         try:
-            os.unlink(os.path.join(path, MANIFEST_NAME))
+            os.rename(path, condemned)
         except FileNotFoundError:
             continue
         finally:
             _forget(_manifest_path(path))
-        shutil.rmtree(path, ignore_errors=True)
+        fsync_dir(root)
+        shutil.rmtree(condemned, ignore_errors=True)
         removed.append(path)
         logger.info("retention: removed %s", path)
     return removed
@@ -306,9 +344,20 @@ def sweep_temp_dirs(root: str) -> list[str]:
     removed = []
     for name in names:
         m = _TMP_RE.search(name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            path = os.path.join(root, name)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-            logger.info("swept leftover temp directory %s", path)
+        if m:
+            pid = int(m.group(1))
+            if m.group(2) is not None:
+                alive = identity_alive(pid, int(m.group(2)), m.group(3))
+            else:   # written by an older zckpt: the pid is all there is
+                alive = pid == os.getpid() or pid_alive(pid)
+            if pid == os.getpid() and (m.group(2) is None or int(m.group(2)) == process_identity()[1]):
+                alive = True   # this process's own saves in progress
+            if alive:
+                continue
+        elif not _DEL_RE.search(name):
+            continue
+        path = os.path.join(root, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        logger.info("swept leftover temp directory %s", path)
     return removed

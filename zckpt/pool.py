@@ -257,7 +257,7 @@ class CheckpointPool:
         bufset = self._acquire(plan)
         t_acquired = time.perf_counter()
         try:
-            save.tmp_dirs = self._make_temp_dirs(save.finals)
+            save.tmp_dirs = self._make_temp_dirs(save.finals, save.created_dirs)
         except BaseException:
             self._arena.release(bufset)
             raise
@@ -369,12 +369,13 @@ class CheckpointPool:
         return self._arena.acquire([s.nbytes for s in plan.shards], self.config.buffer_wait_timeout_s,
                                    pin=plan.needs_pinning)
 
-    def _make_temp_dirs(self, finals: list[str]) -> list[str]:
+    def _make_temp_dirs(self, finals: list[str], created: list[str]) -> list[str]:
+        """Make each final's parent (appending what was created to ``created``) and a temp dir."""
         tmp_dirs: list[str] = []
         try:
             for f in finals:
                 parent = os.path.dirname(f)
-                os.makedirs(parent, exist_ok=True)
+                created += C.make_dirs(parent)
                 if parent not in self._swept:
                     self._swept.add(parent)
                     C.sweep_temp_dirs(parent)
@@ -532,7 +533,8 @@ class CheckpointPool:
         body = build_manifest(checksum=self.config.checksum, tree=save.tree, metadata=save.metadata,
                               torch_version=str(torch.__version__), files=files, storages=storages,
                               tensors=tensors, created_unix=time.time())
-        job = P.CommitJob(save.id, save.tmp_dirs, save.finals, body, self.config.fsync, self.config.keep_last)
+        job = P.CommitJob(save.id, save.tmp_dirs, save.finals, body, self.config.fsync, self.config.keep_last,
+                          save.created_dirs)
         if not save.transition(SaveState.COMMITTING):
             return  # failed meanwhile (the pool shut down)
         with self._lock:

@@ -54,7 +54,7 @@ __all__ = [
 
 #: Bumped on any change to the header or to a message's fields; checked on every message
 #: from a worker, so a worker of another zckpt version fails at HELLO with a clear error.
-VERSION = 3
+VERSION = 4   # 4: CommitJob.created (directories whose parents to fsync)
 
 _HEADER = struct.Struct("!BH32s")
 HEADER_BYTES = _HEADER.size
@@ -223,6 +223,7 @@ class CommitJob:
     manifest: dict[str, Any]
     fsync: bool
     keep_last: int | None
+    created: list[str]          # directories the save created, top down: made durable first
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ class Save:
         self.future = SaveFuture(finals[0], save_id)
         self.state = SaveState.STAGING
         self.tmp_dirs: list[str] = []
+        self.created_dirs: list[str] = []   # directories this save created (their parents get fsynced)
         self.bufset: BufferSet | None = None
         self.plan: SavePlan | None = None
         self.tree: dict[str, Any] = {}             # the manifest's encoded structure

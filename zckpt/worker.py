@@ -265,8 +265,10 @@ class Worker:
             del self._storages[key]
 
     def _commit(self, job: P.CommitJob) -> P.JobResult:
-        from .commit import apply_retention, commit_dir
+        from .commit import apply_retention, commit_dir, fsync_created
 
+        if job.fsync:
+            fsync_created(job.created)   # else a power loss could take the new parents away
         for tmp, final in zip(job.tmp_dirs, job.finals, strict=True):
             commit_dir(tmp, final, job.manifest, fsync=job.fsync)
         if job.keep_last is not None:

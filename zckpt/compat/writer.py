@@ -5,6 +5,8 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import shutil
+import uuid
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ class WriterHook(abc.ABC):
 
 
 class CheckpointWriter:
-    """Writes ``<path>/checkpoint_<rank>.pt`` with ``torch.save``, then fsyncs it.
+    """Writes ``<path>/checkpoint_<rank>.pt`` with ``torch.save``, atomically and durably.
 
     Args:
         config: writer options.
@@ -48,16 +50,36 @@ class CheckpointWriter:
         self._commit_hook = commit_hook
 
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> Future | None:
-        full_path = Path(path) / f"checkpoint_{self._rank_info.global_rank}.pt"
-        os.makedirs(full_path.parent, exist_ok=True)
-        # By name, as the original does: torch.save names the zip's root after the file
-        # ("checkpoint_0/"), so the file is the original's byte for byte; then fsync it.
-        torch.save(state_dict, str(full_path))
-        fd = os.open(full_path, os.O_RDONLY | os.O_CLOEXEC)
+        """Write ``<path>/checkpoint_<rank>.pt`` atomically and durably.
+
+        The original overwrites the file in place and fsyncs nothing, so a crash
+        mid-write loses the previous checkpoint. Here ``torch.save`` writes into a fresh
+        hidden directory beside it (under the file's own name: torch names the zip's
+        root after the file, so the bytes are the original's), the file is fsynced and
+        renamed over the old one, and the directory is fsynced (and the parents of any
+        directory this created), so a power loss leaves the old file or the new one.
+        """
+        from ..commit import fsync_created, fsync_dir, make_dirs
+
+        name = f"checkpoint_{self._rank_info.global_rank}.pt"
+        directory = os.path.abspath(path)
+        created = make_dirs(directory)
+        staging = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.mkdir(staging)
         try:
-            os.fsync(fd)
+            tmp_file = os.path.join(staging, name)
+            torch.save(state_dict, tmp_file)
+            fd = os.open(tmp_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_created(created)
+            os.replace(tmp_file, os.path.join(directory, name))
+            fsync_dir(directory)
         finally:
-            os.close(fd)
+            shutil.rmtree(staging, ignore_errors=True)
+        full_path = Path(directory) / name
         if self._commit_hook is not None:
             self._commit_hook.pre_commit(path, **kwargs)
         if self._barrier is not None:
