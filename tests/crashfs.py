@@ -173,7 +173,7 @@ def _split(durable0: Tree, prefix: list[list[Any]]) -> tuple[Tree, list[list[Any
 
 
 def _tree_to_json(t: Tree) -> dict[str, Any]:
-    return {"next": t.next_ino, "nodes": [[n.ino, n.is_dir, base64.b64encode(bytes(n.data)).decode(), n.entries,
+    return {"next": t.next_ino, "nodes": [[n.ino, n.is_dir, base64.b64encode(bytes(n.data)).decode(), dict(n.entries),
                                            n.mode] for n in t.nodes.values()]}
 
 
@@ -194,7 +194,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
 
         def __init__(self) -> None:
             self.tree = Tree()
-            self.lock = threading.RLock()
+            self._mutex = threading.RLock()
             self.recording = False
             self.durable: dict[str, Any] | None = None
             self.ops: list[list[Any]] = []
@@ -240,7 +240,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
 
         # -- FUSE operations
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-            with self.lock:
+            with self._mutex:
                 n = self._lookup(path)
                 kind = stat.S_IFDIR if n.is_dir else stat.S_IFREG
                 return {"st_mode": kind | n.mode, "st_nlink": 2 if n.is_dir else 1, "st_size": len(n.data),
@@ -248,16 +248,16 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                         "st_mtime": self.t0, "st_atime": self.t0, "st_ctime": self.t0}
 
         def readdir(self, path: str, fh: int) -> list[str]:
-            with self.lock:
+            with self._mutex:
                 return [".", "..", *self._lookup(path).entries]
 
         def mkdir(self, path: str, mode: int) -> int:
-            with self.lock:
+            with self._mutex:
                 self._new(path, True, mode)
                 return 0
 
         def create(self, path: str, mode: int, fi: Any = None) -> int:
-            with self.lock:
+            with self._mutex:
                 n = self._new(path, False, mode)
                 fh = self.next_fh
                 self.next_fh += 1
@@ -265,7 +265,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 return fh
 
         def open(self, path: str, flags: int) -> int:
-            with self.lock:
+            with self._mutex:
                 n = self._lookup(path)
                 fh = self.next_fh
                 self.next_fh += 1
@@ -277,18 +277,18 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 return fh
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            with self.lock:
+            with self._mutex:
                 return bytes(self.tree.nodes[self.fds[fh]].data[offset:offset + size])
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            with self.lock:
+            with self._mutex:
                 op = ["write", self.fds[fh], offset, base64.b64encode(bytes(data)).decode()]
                 self.tree.apply(op)
                 self._log(op)
                 return len(data)
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-            with self.lock:
+            with self._mutex:
                 ino = self.fds[fh] if fh in self.fds else self._lookup(path).ino
                 op = ["truncate", ino, length]
                 self.tree.apply(op)
@@ -296,18 +296,18 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 return 0
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
-            with self.lock:
+            with self._mutex:
                 ino = self.fds.get(fh) or self._lookup(path).ino
                 self._log(["fsync", ino])
                 return 0
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
-            with self.lock:
+            with self._mutex:
                 self._log(["fsyncdir", self._lookup(path).ino])
                 return 0
 
         def rename(self, old: str, new: str) -> int:
-            with self.lock:
+            with self._mutex:
                 pa, a = self._parent(old)
                 pb, b = self._parent(new)
                 if a not in pa.entries:
@@ -323,7 +323,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 return 0
 
         def unlink(self, path: str) -> int:
-            with self.lock:
+            with self._mutex:
                 parent, name = self._parent(path)
                 if name not in parent.entries:
                     raise fuse.FuseOSError(errno.ENOENT)
@@ -333,7 +333,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 return 0
 
         def rmdir(self, path: str) -> int:
-            with self.lock:
+            with self._mutex:
                 parent, name = self._parent(path)
                 node = self._lookup(path)
                 if node.entries:
@@ -344,12 +344,12 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 return 0
 
         def release(self, path: str, fh: int) -> int:
-            with self.lock:
+            with self._mutex:
                 self.fds.pop(fh, None)
                 return 0
 
         def opendir(self, path: str) -> int:
-            with self.lock:
+            with self._mutex:
                 self._lookup(path)
                 return 0
 
@@ -360,7 +360,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
             return 0
 
         def chmod(self, path: str, mode: int) -> int:
-            with self.lock:
+            with self._mutex:
                 self._lookup(path).mode = mode & 0o7777
                 return 0
 
@@ -371,7 +371,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
             return 0
 
         def access(self, path: str, amode: int) -> int:
-            with self.lock:
+            with self._mutex:
                 self._lookup(path)
                 return 0
 
@@ -380,7 +380,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                     "f_bavail": 1 << 21, "f_files": 1 << 20, "f_ffree": 1 << 19, "f_namemax": 255}
 
         def destroy(self, path: str) -> None:
-            with self.lock, open(logfile + ".part", "w") as f:
+            with self._mutex, open(logfile + ".part", "w") as f:
                 json.dump({"durable": self.durable or _tree_to_json(self.tree), "ops": self.ops}, f)
             os.replace(logfile + ".part", logfile)
 

@@ -370,3 +370,20 @@ def load_mismatch(rank: int, world: int, path: str, which: str) -> str:
         return "loaded"
     except (KeyError, ValueError, RuntimeError) as exc:
         return f"{type(exc).__name__}: {exc}"
+
+
+def save_around_a_mark(rank: int, world: int, root: str, mark: str) -> str:
+    """step-1 committed by every rank; rank 0 marks the crash file system; then step-2."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    import zckpt
+    import zckpt.distributed as zd
+    mesh = _mesh(world)
+    cfg = dict(FAST, fsync=True)
+    with zd.DistributedCheckpointer(zckpt.PoolConfig(**cfg), commit_timeout_s=60) as ck:
+        ck.save(sharded_state(mesh, [Shard(0)], step=1), f"{root}/step-1").result(timeout=90)
+        if rank == 0:
+            open(mark, "w").close()
+        dist.barrier()
+        return ck.save(sharded_state(mesh, [Shard(0)], step=2), f"{root}/step-2").result(timeout=90)

@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 _TMP_RE = re.compile(r"\.tmp-(\d+)-(?:(\d+)-([0-9a-f]{8})-)?[0-9a-f]{8}$")
 # <path>.del-<random>: a checkpoint retention has condemned (renamed, then deleted).
 _DEL_RE = re.compile(r"\.del-[0-9a-f]{8}$")
+# <path>.dtmp-<run nonce>-<save sequence>: a multi-rank save in progress (zckpt.distributed).
+# Its manifest is written before the rename, as in any commit: until then it is not a
+# checkpoint, whatever it holds (a power-loss test found latest() naming one).
+_DTMP_RE = re.compile(r"\.dtmp-[0-9a-f]{16}-\d+$")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -52,7 +56,7 @@ def temp_dir_for(final: str) -> str:
 
 def is_temp_dir(name: str) -> bool:
     """A save in progress or a condemned checkpoint: never a checkpoint of its root."""
-    return bool(_TMP_RE.search(name) or _DEL_RE.search(name))
+    return bool(_TMP_RE.search(name) or _DEL_RE.search(name) or _DTMP_RE.search(name))
 
 
 def make_dirs(path: str) -> list[str]:
