@@ -125,6 +125,14 @@ def explore(log: dict, roots: list[str], allowed: dict[str, set[str | None]], mu
                     continue
                 assert (p / "manifest.json").exists(), f"{label}: {root}/{entry} is neither whole nor gone"
                 assert same(zckpt.load(p), expected[entry]), f"{label}: {root}/{entry} does not load"
+        if len(roots) > 1:
+            # What the next save's commit does first: a mirror that lacks the primary's
+            # newest checkpoint gets it, whole (the promise for mirrors, README).
+            primary, mirror = where / roots[0], where / roots[1]
+            if zckpt.latest(primary) is not None:
+                zckpt.commit.repair_mirror(str(primary), str(mirror), fsync=False)
+                assert os.path.basename(zckpt.latest(mirror) or "") == os.path.basename(zckpt.latest(primary)), label
+                zckpt.verify(zckpt.latest(mirror))
         if label.endswith("pessimistic"):
             # The next save into the first root works, and leaves nothing but checkpoints.
             r = where / roots[0]

@@ -115,3 +115,35 @@ def test_load_into_mismatches_are_named(make_pool, tmp_path):
     out = zckpt.load(tmp_path / "c", into={"a": torch.ones(3), "b": torch.ones(2), "z": torch.ones(1)},
                      strict=False)
     assert torch.equal(out["a"], torch.ones(3))
+
+
+def test_a_mirror_that_cannot_commit_does_not_fail_the_save_and_the_next_commit_completes_it(make_pool, tmp_path):
+    """The promise: result() returns once the primary is committed; a mirror that failed
+    (here: its root is a file for a while) is named in fut.mirror_errors, and the next
+    save's commit copies the missing checkpoint there first."""
+    import zckpt
+
+    from _writers import GateWriter
+    primary, mirror, gate = tmp_path / "primary", tmp_path / "mirror", tmp_path / "gate"
+    gate.mkdir()
+    (gate / "open").touch()
+    pool = make_pool(config=PoolConfig(num_workers=2, fsync=False, mirrors=(str(mirror),)),
+                     writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    fut = pool.save({"w": torch.arange(10.0)}, primary / "step-1")
+    assert fut.result(timeout=60) == str(primary / "step-1") and fut.mirror_errors == []
+    # Break the mirror while the shards are written: the mirror's rename cannot happen.
+    (gate / "open").unlink()
+    fut = pool.save({"w": torch.arange(10.0) + 2}, primary / "step-2")
+    blocker = mirror / "step-2"
+    blocker.write_text("in the way")            # a file where the mirror's checkpoint goes
+    (gate / "open").touch()
+    assert fut.result(timeout=60) == str(primary / "step-2")
+    assert len(fut.mirror_errors) == 1 and "step-2" in fut.mirror_errors[0]
+    assert zckpt.latest(primary) == str(primary / "step-2") and zckpt.latest(mirror) == str(mirror / "step-1")
+    blocker.unlink()
+    fut = pool.save({"w": torch.arange(10.0) + 3}, primary / "step-3")
+    assert fut.result(timeout=60) and fut.mirror_errors == []
+    assert [p.rsplit("/", 1)[1] for p in zckpt.commit.committed(mirror)] == ["step-1", "step-2", "step-3"]
+    assert torch.equal(zckpt.load(mirror / "step-2")["w"], torch.arange(10.0) + 2)
+    zckpt.verify(mirror / "step-2")
+    assert not [n for n in os.listdir(mirror) if ".tmp-" in n]

@@ -29,10 +29,18 @@ from typing import Any, Union
 
 from ._proc import identity_alive, pid_alive, process_identity
 from .errors import CorruptCheckpointError
-from .manifest import MANIFEST_NAME, Manifest, peek_commit_record, read_manifest, with_commit_record, write_manifest
+from .manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    peek_commit_record,
+    read_manifest,
+    read_manifest_body,
+    with_commit_record,
+    write_manifest,
+)
 
 __all__ = ["temp_dir_for", "is_temp_dir", "make_dirs", "fsync_created", "fsync_dir", "commit_dir", "latest",
-           "committed", "next_sequence", "apply_retention", "sweep_temp_dirs", "discard"]
+           "committed", "next_sequence", "repair_mirror", "apply_retention", "sweep_temp_dirs", "discard"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +135,44 @@ def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -
     st = _stat_manifest(final)
     if st is not None:
         _remember(_manifest_path(final), st, (1, sequence, unix_time_ns, os.path.basename(final)))
+
+
+def repair_mirror(primary_root: str, mirror_root: str, *, fsync: bool, skip: str | None = None) -> list[str]:
+    """Copy into ``mirror_root`` the newest committed checkpoint of ``primary_root`` (other
+    than ``skip``) that the mirror lacks, and commit it there; return what was copied.
+
+    What completes a mirror after its commit failed or a power loss fell between the
+    primary's commit and the mirror's. The copy is committed like any save (temp dir,
+    fsync, manifest, rename, fsync) with the primary's manifest, so it verifies alike.
+    """
+    candidates = [p for p in committed(primary_root) if os.path.basename(p) != skip][-1:]
+    copied = []
+    for src in candidates:
+        dst = os.path.join(mirror_root, os.path.basename(src))
+        if os.path.lexists(dst):
+            continue
+        body = read_manifest_body(src)
+        os.makedirs(mirror_root, exist_ok=True)
+        tmp = temp_dir_for(dst)
+        os.mkdir(tmp)
+        try:
+            for f in body.get("files", []):
+                name = f["name"]
+                os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+                if fsync:
+                    fd = os.open(os.path.join(tmp, name), os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            commit_dir(tmp, dst, body, fsync=fsync)
+        except BaseException:
+            discard(tmp)
+            raise
+        logger.warning("mirror %s lacked %s: copied it from %s", mirror_root, os.path.basename(src), primary_root)
+        copied.append(dst)
+    return copied
 
 
 def discard(path: str) -> None:

@@ -580,6 +580,11 @@ class CheckpointPool:
             logger.error("commit of %s failed: %s", save.path, exc)
             self._engine.submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
+        if result is not None and result.mirror_errors:
+            # The primary is committed: the save is. The next commit completes the mirror.
+            save.future.mirror_errors = list(result.mirror_errors)
+            logger.error("save %d committed at %s, but not under every mirror: %s", save.id, save.path,
+                         "; ".join(result.mirror_errors))
         save.transition(SaveState.COMMITTED)
 
     def _fail_leftovers(self) -> None:

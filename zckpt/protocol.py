@@ -54,7 +54,7 @@ __all__ = [
 
 #: Bumped on any change to the header or to a message's fields; checked on every message
 #: from a worker, so a worker of another zckpt version fails at HELLO with a clear error.
-VERSION = 4   # 4: CommitJob.created (directories whose parents to fsync)
+VERSION = 4   # 4: CommitJob.created (directories whose parents to fsync), JobResult.mirror_errors
 
 _HEADER = struct.Struct("!BH32s")
 HEADER_BYTES = _HEADER.size
@@ -239,6 +239,7 @@ class FileResult:
 class JobResult:
     job_id: int
     files: list[FileResult]
+    mirror_errors: list[str] = dataclasses.field(default_factory=list)   # a commit: mirrors not committed
 
 
 #: What each job type is called in logs and errors ("the commit job of ...").

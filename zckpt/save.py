@@ -70,6 +70,8 @@ class SaveFuture(Future):
         save_id: the save's id in its pool (in log lines as ``save <id>``).
         timings: where the save's time went, in seconds: ``plan_s``, ``wait_buffer_s``,
             ``staged_s``, ``blocked_s``, ``durable_s``.
+        mirror_errors: once committed, the mirrors it could not be committed under (one
+            line each; empty normally). The next save's commit completes them.
     """
 
     def __init__(self, path: str, save_id: int = -1) -> None:
@@ -78,6 +80,7 @@ class SaveFuture(Future):
         self.save_id = save_id
         self.staged: Future = Future()
         self.timings: dict[str, float] = {}
+        self.mirror_errors: list[str] = []   # mirrors this save could not be committed under
 
 
 class Save:

@@ -265,16 +265,34 @@ class Worker:
             del self._storages[key]
 
     def _commit(self, job: P.CommitJob) -> P.JobResult:
-        from .commit import apply_retention, commit_dir, fsync_created
+        """Commit the primary, then each mirror; a mirror that fails does not fail the save.
+
+        The promise (README, "Mirrors"): ``result()`` returns once the primary is
+        committed. Each mirror is committed right after it; one that cannot be (its disk
+        full or gone, or a power loss in between) is completed by the next save's commit,
+        which first copies the primary's previous checkpoint into any mirror lacking it.
+        """
+        from .commit import apply_retention, commit_dir, discard, fsync_created, repair_mirror
 
         if job.fsync:
             fsync_created(job.created)   # else a power loss could take the new parents away
-        for tmp, final in zip(job.tmp_dirs, job.finals, strict=True):
-            commit_dir(tmp, final, job.manifest, fsync=job.fsync)
+        commit_dir(job.tmp_dirs[0], job.finals[0], job.manifest, fsync=job.fsync)
+        committed = [job.finals[0]]
+        errors: list[str] = []
+        primary_root = os.path.dirname(job.finals[0])
+        for tmp, final in zip(job.tmp_dirs[1:], job.finals[1:], strict=True):
+            try:
+                repair_mirror(primary_root, os.path.dirname(final), fsync=job.fsync,
+                              skip=os.path.basename(final))
+                commit_dir(tmp, final, job.manifest, fsync=job.fsync)
+                committed.append(final)
+            except OSError as exc:
+                errors.append(f"{final}: {type(exc).__name__}: {exc}")
+                discard(tmp)
         if job.keep_last is not None:
-            for final in job.finals:
+            for final in committed:
                 apply_retention(os.path.dirname(final), job.keep_last, protect=final)
-        return P.JobResult(job.job_id, [])
+        return P.JobResult(job.job_id, [], errors)
 
     def _map_segments(self, job: P.MapSegments) -> P.JobResult:
         assert self.init is not None
