@@ -40,6 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MARK = ".crashfs-mark"
+#: Write a JSON list to this file to inject faults: {"op": "fsync" | "fsyncdir" | "write" |
+#: "create" | "rename", "match": "<substring of the path>", "errno": 5, "times": 1}; each
+#: matching call fails with that errno (the target of a rename is what is matched; with
+#: "exact": true the path must equal "match", e.g. "/ckpt" for that directory only).
+FAULTS = ".crashfs-faults"
 
 
 # --- the model (torch-free, FUSE-free: the tests use it offline) ----------------------------------
@@ -199,6 +204,8 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
             self.durable: dict[str, Any] | None = None
             self.ops: list[list[Any]] = []
             self.fds: dict[int, int] = {}
+            self.paths: dict[int, str] = {}
+            self.faults: list[dict[str, Any]] = []
             self.next_fh = 1
             self.t0 = time.time_ns()
 
@@ -217,6 +224,13 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
             if not parent.is_dir:
                 raise fuse.FuseOSError(errno.ENOTDIR)
             return parent, name
+
+        def _fault(self, op: str, path: str) -> None:
+            for f in self.faults:
+                hit = path == f["match"] if f.get("exact") else f["match"] in path
+                if f["op"] == op and hit and f.get("times", 1) > 0:
+                    f["times"] = f.get("times", 1) - 1
+                    raise fuse.FuseOSError(int(f["errno"]))
 
         def _log(self, op: list[Any]) -> None:
             if self.recording:
@@ -258,10 +272,12 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
 
         def create(self, path: str, mode: int, fi: Any = None) -> int:
             with self._mutex:
+                self._fault("create", path)
                 n = self._new(path, False, mode)
                 fh = self.next_fh
                 self.next_fh += 1
                 self.fds[fh] = n.ino
+                self.paths[fh] = path
                 return fh
 
         def open(self, path: str, flags: int) -> int:
@@ -270,6 +286,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
                 fh = self.next_fh
                 self.next_fh += 1
                 self.fds[fh] = n.ino
+                self.paths[fh] = path
                 if flags & os.O_TRUNC and n.data:
                     op = ["truncate", n.ino, 0]
                     self.tree.apply(op)
@@ -282,6 +299,10 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
             with self._mutex:
+                if path == "/" + FAULTS:
+                    self.faults = json.loads(bytes(data).decode())
+                    return len(data)
+                self._fault("write", path)
                 op = ["write", self.fds[fh], offset, base64.b64encode(bytes(data)).decode()]
                 self.tree.apply(op)
                 self._log(op)
@@ -297,17 +318,20 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
             with self._mutex:
+                self._fault("fsync", self.paths.get(fh, path))
                 ino = self.fds.get(fh) or self._lookup(path).ino
                 self._log(["fsync", ino])
                 return 0
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
             with self._mutex:
+                self._fault("fsyncdir", path)
                 self._log(["fsyncdir", self._lookup(path).ino])
                 return 0
 
         def rename(self, old: str, new: str) -> int:
             with self._mutex:
+                self._fault("rename", new)
                 pa, a = self._parent(old)
                 pb, b = self._parent(new)
                 if a not in pa.entries:
@@ -346,6 +370,7 @@ def serve(mountpoint: str, logfile: str) -> None:  # pragma: no cover - runs in 
         def release(self, path: str, fh: int) -> int:
             with self._mutex:
                 self.fds.pop(fh, None)
+                self.paths.pop(fh, None)
                 return 0
 
         def opendir(self, path: str) -> int:

@@ -213,3 +213,39 @@ def test_power_loss_during_a_multi_rank_commit(mount, tmp_path):
         shutil.rmtree(where)
     print(f"explored {len(states)} crash states over {len(log['ops'])} operations: {seen}")
     assert seen["step-1"] and seen["step-2"]
+
+
+# --- storage errors: a failed fsync, a full disk at every step of the commit -------------------
+@pytest.mark.parametrize("op, match, err, names", [
+    # (the parent fsync after the rename: only the directory /ckpt itself, not its children)
+    ("fsync", "shard-00000", "EIO", "fdatasync of .*shard-00000-of-00002.safetensors failed with EIO"),
+    ("write", "shard-00001", "ENOSPC", "ENOSPC|No space left"),
+    ("create", "manifest.json", "ENOSPC", "ENOSPC|No space left"),
+    ("fsync", "manifest.json", "EIO", "fsync of .*manifest.json failed with EIO"),
+    ("rename", "ckpt/step-2", "ENOSPC", "ENOSPC|No space left"),
+    ("fsyncdir", "=/ckpt", "EIO", "fsync of .*/mnt/ckpt failed with EIO"),
+])
+def test_a_storage_error_at_any_step_fails_the_save_and_keeps_the_previous_checkpoint(mount, op, match, err, names):
+    """The save fails naming the file and errno, its temp dir is discarded, the previous
+    checkpoint stays latest and loads, nothing is retried, and the pool keeps working. A
+    failed fsync of the parent after the rename takes the rename back."""
+    import errno as errno_mod
+    root = mount.path / "ckpt"
+    with zckpt.CheckpointPool(config=PoolConfig(num_workers=2, heartbeat_interval_s=0.5)) as pool:
+        pool.save(state(1), root / "step-1").result(timeout=120)
+        # The parent fsync of step-1's commit already ran: from here, faults hit step-2 only.
+        (mount.path / crashfs.FAULTS).write_text(json.dumps(
+            [{"op": op, "match": match.lstrip("="), "exact": match.startswith("="),
+              "errno": getattr(errno_mod, err), "times": 1}]))
+        fut = pool.save(state(2), root / "step-2")
+        with pytest.raises(OSError, match=names):
+            fut.result(timeout=120)
+        assert zckpt.latest(root) == str(root / "step-1")
+        assert same(zckpt.load(root / "step-1"), state(1))
+        assert not (root / "step-2").exists()
+        deadline = time.monotonic() + 30
+        while [n for n in os.listdir(root) if ".tmp-" in n] and time.monotonic() < deadline:
+            time.sleep(0.01)   # the cleanup thread discards the temp dir; poll with a deadline
+        assert not [n for n in os.listdir(root) if ".tmp-" in n]
+        assert pool.save(state(3), root / "step-3").result(timeout=120) == str(root / "step-3")
+        assert zckpt.latest(root) == str(root / "step-3")

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from typing import Any, Union
 
 from ._proc import identity_alive, pid_alive, process_identity
+from ._sync import fsync_fd
 from .errors import CorruptCheckpointError
 from .manifest import (
     MANIFEST_NAME,
@@ -98,9 +99,10 @@ def fsync_created(created: list[str]) -> None:
 
 
 def fsync_dir(path: str) -> None:
+    """fsync a directory (its entries become durable), once; see :mod:`zckpt._sync`."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        fsync_fd(fd, path)
     finally:
         os.close(fd)
 
@@ -130,7 +132,13 @@ def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -
             raise FileExistsError(errno.EEXIST, "a checkpoint already exists here", final) from exc
         raise
     if fsync:
-        fsync_dir(os.path.dirname(final) or ".")
+        try:
+            fsync_dir(os.path.dirname(final) or ".")
+        except OSError:
+            # The rename may not be durable, and may be lost or kept at the next power
+            # loss: take it back, so the caller's failure and latest() agree now and after.
+            os.rename(final, tmp)
+            raise
     # This process just wrote that file: remember its key so retention does not re-read it.
     st = _stat_manifest(final)
     if st is not None:
@@ -163,7 +171,7 @@ def repair_mirror(primary_root: str, mirror_root: str, *, fsync: bool, skip: str
                 if fsync:
                     fd = os.open(os.path.join(tmp, name), os.O_RDONLY | os.O_CLOEXEC)
                     try:
-                        os.fsync(fd)
+                        fsync_fd(fd, os.path.join(tmp, name))
                     finally:
                         os.close(fd)
             commit_dir(tmp, dst, body, fsync=fsync)

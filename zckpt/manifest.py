@@ -42,6 +42,7 @@ from typing import Any
 
 import xxhash
 
+from ._sync import fsync_fd
 from .errors import CorruptCheckpointError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY",
@@ -340,7 +341,7 @@ def write_manifest(directory: str, body: dict[str, Any], *, fsync: bool) -> None
         while view:
             view = view[os.write(fd, view):]
         if fsync:
-            os.fsync(fd)
+            fsync_fd(fd, path)
     finally:
         os.close(fd)
 

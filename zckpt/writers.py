@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from ._sync import fsync_fd
+
 __all__ = ["ShardWriter", "LocalFileWriter"]
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class LocalFileWriter:
                 done += written
                 progress(written)
             if self.fsync:
-                os.fdatasync(fd)
+                fsync_fd(fd, path, data_only=True)
         finally:
             os.close(fd)
 

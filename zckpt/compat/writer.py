@@ -59,6 +59,7 @@ class CheckpointWriter:
         renamed over the old one, and the directory is fsynced (and the parents of any
         directory this created), so a power loss leaves the old file or the new one.
         """
+        from .._sync import fsync_fd
         from ..commit import fsync_created, fsync_dir, make_dirs
 
         name = f"checkpoint_{self._rank_info.global_rank}.pt"
@@ -71,7 +72,7 @@ class CheckpointWriter:
             torch.save(state_dict, tmp_file)
             fd = os.open(tmp_file, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                os.fsync(fd)
+                fsync_fd(fd, tmp_file)
             finally:
                 os.close(fd)
             fsync_created(created)
