@@ -70,34 +70,40 @@ class Tree:
         t.next_ino = self.next_ino
         return t
 
+    def _node(self, ino: int, is_dir: bool) -> Node:
+        """Inode ``ino``, made (unlinked, empty) if absent: an inode's contents and the entry
+        that links it are separate. A file created in a directory whose own mkdir was not
+        yet durable still has its data in that directory's inode; only the link is lost."""
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino, is_dir, mode=0o755 if is_dir else 0o644)
+        return node
+
     def apply(self, op: list[Any]) -> None:
-        """Replay ``op``; an operation on something absent (its creation was lost) is skipped."""
+        """Replay ``op``; an entry operation whose entry is absent (lost) is skipped."""
         kind = op[0]
         n = self.nodes
         if kind in ("create", "mkdir"):
             _, parent, name, ino = op
-            if parent in n and n[parent].is_dir:
-                n[ino] = Node(ino, kind == "mkdir", mode=0o755 if kind == "mkdir" else 0o644)
-                n[parent].entries[name] = ino
+            self._node(ino, kind == "mkdir")
+            self._node(parent, True).entries[name] = ino
         elif kind == "write":
             _, ino, off, b64 = op
-            if ino in n:
-                data = base64.b64decode(b64)
-                buf = n[ino].data
-                if len(buf) < off:
-                    buf.extend(b"\0" * (off - len(buf)))
-                buf[off:off + len(data)] = data
+            data = base64.b64decode(b64)
+            buf = self._node(ino, False).data
+            if len(buf) < off:
+                buf.extend(b"\0" * (off - len(buf)))
+            buf[off:off + len(data)] = data
         elif kind == "truncate":
             _, ino, size = op
-            if ino in n:
-                buf = n[ino].data
-                del buf[size:]
-                buf.extend(b"\0" * (size - len(buf)))
+            buf = self._node(ino, False).data
+            del buf[size:]
+            buf.extend(b"\0" * (size - len(buf)))
         elif kind == "rename":
             _, pa, a, pb, b, ino = op
-            if pa in n and pb in n and n[pa].entries.get(a) == ino:
+            if pa in n and n[pa].entries.get(a) == ino:
                 del n[pa].entries[a]
-                n[pb].entries[b] = ino
+                self._node(pb, True).entries[b] = ino
         elif kind in ("unlink", "rmdir"):
             _, parent, name, ino = op
             if parent in n and n[parent].entries.get(name) == ino:
