@@ -46,6 +46,11 @@ def sharded_state(mesh: Any, placements: list[Any], step: int = 0) -> dict[str, 
     sd["rep_row"] = rep[1]                      # a view sharing rep's storage
     sd["tied"] = sd["w"]                        # the same DTensor under two keys
     sd["ints"] = full("ints", (6,), step=step).to(torch.int64)
+    # An optimizer's state is keyed by int parameter ids; lists hold tensors by index.
+    sd["optim"] = {"state": {0: {"exp_avg": distribute_tensor(full("exp_avg", (6, 4), step=step), mesh,
+                                                               _fit(placements, 2))}},
+                   "param_groups": [{"lr": 0.1, "params": [0]}]}
+    sd["lst"] = [full("lst", (3,), step=step)]
     sd["step"] = step
     sd["meta"] = {"lr": 0.5, "names": ["a", "b"], "flag": True}
     return sd
@@ -59,6 +64,9 @@ def empty_like_state(mesh: Any, placements: list[Any]) -> dict[str, Any]:
     sd["rep_row"] = torch.zeros(3, dtype=torch.bfloat16)
     sd["tied"] = sd["w"]
     sd["ints"] = torch.zeros(6, dtype=torch.int64)
+    sd["optim"] = {"state": {0: {"exp_avg": distribute_tensor(torch.zeros(6, 4), mesh, _fit(placements, 2))}},
+                   "param_groups": [{"lr": 0.0, "params": [0]}]}
+    sd["lst"] = [torch.zeros(3)]
     sd["step"] = -1
     sd["meta"] = {"lr": 0.0, "names": ["", ""], "flag": False}
     return sd
@@ -78,6 +86,11 @@ def check_state(sd: dict[str, Any], step: int) -> list[str]:
         bad.append("rep_row")
     if not torch.equal(sd["ints"], full("ints", (6,), step=step).to(torch.int64)):
         bad.append("ints")
+    exp = sd["optim"]["state"][0]["exp_avg"]
+    if not torch.equal(exp.full_tensor() if isinstance(exp, DTensor) else exp, full("exp_avg", (6, 4), step=step)):
+        bad.append("optim.state.0.exp_avg")
+    if not torch.equal(sd["lst"][0], full("lst", (3,), step=step)) or sd["optim"]["param_groups"][0]["lr"] != 0.1:
+        bad.append("lst/param_groups")
     if sd["step"] != step or sd["meta"] != {"lr": 0.5, "names": ["a", "b"], "flag": True}:
         bad.append("values")
     return bad
@@ -387,3 +400,27 @@ def save_around_a_mark(rank: int, world: int, root: str, mark: str) -> str:
             open(mark, "w").close()
         dist.barrier()
         return ck.save(sharded_state(mesh, [Shard(0)], step=2), f"{root}/step-2").result(timeout=90)
+
+
+def subgroup_then_world(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Ranks 0 and 1 make a checkpointer on their subgroup, then every rank one on the world:
+    each group agrees on its own run id, so both commit (found by review: the world's
+    ranks outside the subgroup took the subgroup's id and every world save aborted)."""
+    import torch.distributed as dist
+
+    import zckpt
+    import zckpt.distributed as zd
+    sub = dist.new_group([0, 1])
+    out: dict[str, Any] = {}
+    if rank in (0, 1):
+        with zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), process_group=sub, commit_timeout_s=30) as ck:
+            out["sub"] = ck.save({"x": torch.ones(2) * rank}, f"{root}/sub").result(timeout=60)
+    else:
+        try:
+            zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), process_group=sub)
+            out["nonmember"] = "accepted"
+        except ValueError as exc:
+            out["nonmember"] = str(exc)
+    with zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), commit_timeout_s=30) as ck:
+        out["world"] = ck.save({"y": torch.arange(4.0)}, f"{root}/world").result(timeout=60)
+    return out

@@ -171,3 +171,12 @@ def test_a_load_that_cannot_be_satisfied_fails_on_every_rank_naming_the_key(tmp_
         assert "RuntimeError" in res[0] and "another rank" in res[0], res
     else:
         assert all("ValueError" in v and "rep" in v for v in res.values()), res
+
+
+def test_a_subgroup_and_the_world_each_agree_on_their_own_run(tmp_path):
+    from dist_cases import subgroup_then_world
+    res = run_ranks(3, subgroup_then_world, str(tmp_path))
+    assert res[0]["sub"] == res[1]["sub"] == str(tmp_path / "sub")
+    assert "not in the process group" in res[2]["nonmember"]
+    assert {r["world"] for r in res.values()} == {str(tmp_path / "world")}
+    assert zckpt.load(tmp_path / "world")["y"].tolist() == [0.0, 1.0, 2.0, 3.0]

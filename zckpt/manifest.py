@@ -47,7 +47,8 @@ from .errors import CorruptCheckpointError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY",
            "CHECKSUM_ALGORITHMS", "TREE_ENCODING", "Manifest", "FileRecord", "StorageRecord", "PartRecord",
-           "TensorRecord", "CommitRecord", "build_manifest", "parse_manifest", "frozen_path", "checksum_hex",
+           "TensorRecord", "CommitRecord", "build_manifest", "parse_manifest", "frozen_path", "path_json",
+           "checksum_hex",
            "write_manifest", "json_metadata", "read_manifest", "read_manifest_body", "with_commit_record",
            "commit_record", "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body"]
 
@@ -241,6 +242,12 @@ def _to_json(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _to_json(x) for k, x in v.items()}
     return v
+
+
+def path_json(path: Any) -> str:
+    """A record's key path as canonical JSON: hashable, and equal exactly when the paths are
+    (the same string :func:`zckpt.tree.path_key` gives for the encoded path)."""
+    return json.dumps(_to_json(path), sort_keys=True, separators=(",", ":"))
 
 
 def frozen_path(v: Any) -> Any:

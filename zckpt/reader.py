@@ -35,6 +35,7 @@ from .manifest import (
     TensorRecord,
     checksum_hex,
     decode_skeleton,
+    path_json,
     read_manifest,
 )
 from .tree import display_path, encode_path, iter_tensors, load_skeleton, path_key, rebuild_tensor
@@ -231,16 +232,16 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
     return _rebuild(directory, m, lambda i: _tensor_from(records[i], storages), storages, weights_only)
 
 
-def _boxes_by_path(m: Manifest) -> dict[Any, list[TensorRecord]]:
+def _boxes_by_path(m: Manifest) -> dict[str, list[TensorRecord]]:
     """A multi-rank manifest's boxed records, grouped by the tensor (key path) they are pieces of."""
-    groups: dict[Any, list[TensorRecord]] = {}
+    groups: dict[str, list[TensorRecord]] = {}
     for rec in m.tensors:
         if rec.global_shape is not None and rec.path is not None:
-            groups.setdefault(rec.path, []).append(rec)
+            groups.setdefault(path_json(rec.path), []).append(rec)
     return groups
 
 
-def _assemble(m: Manifest, groups: dict[Any, list[TensorRecord]], storages: list[torch.UntypedStorage],
+def _assemble(m: Manifest, groups: dict[str, list[TensorRecord]], storages: list[torch.UntypedStorage],
               i: int) -> torch.Tensor:
     """Tensor ``i`` of a multi-rank checkpoint: whole, from every box saved of it.
 
@@ -249,7 +250,7 @@ def _assemble(m: Manifest, groups: dict[Any, list[TensorRecord]], storages: list
     pieces (a DTensor's shards) is a new contiguous tensor of its global shape.
     """
     rec = m.tensors[i]
-    pieces = groups.get(rec.path, []) if rec.global_shape is not None else []
+    pieces = groups.get(path_json(rec.path), []) if rec.global_shape is not None and rec.path is not None else []
     if len(pieces) <= 1 and (rec.global_shape is None or tuple(rec.shape) == tuple(rec.global_shape)):
         return _tensor_from(rec, storages)
     assert rec.global_shape is not None

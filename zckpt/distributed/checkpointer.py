@@ -19,8 +19,10 @@ No collective runs during a save: the training loop's own collectives never meet
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 VERDICT_MARGIN_S = 30.0
 #: Construction: how long ranks wait for the coordinator to publish the run's nonce.
 NONCE_TIMEOUT_S = 300.0
+_NONCE_RE = re.compile(r"[0-9a-f]{16}")
 
 
 class CheckpointAborted(ZckptError):
@@ -131,6 +134,9 @@ class DistributedCheckpointer:
         group = process_group if process_group is not None else dist.group.WORLD
         self.ranks: list[int] = sorted(dist.get_process_group_ranks(group))
         self.rank: int = dist.get_rank()
+        if self.rank not in self.ranks:
+            raise ValueError(f"rank {self.rank} is not in the process group {self.ranks}: only its members may "
+                             "construct its DistributedCheckpointer")
         if not 0 <= coordinator_rank < len(self.ranks):
             raise ValueError(f"coordinator_rank {coordinator_rank} is not a rank of the group "
                              f"({len(self.ranks)} ranks)")
@@ -142,6 +148,7 @@ class DistributedCheckpointer:
         self._checksum, self._fsync = cfg.checksum, cfg.fsync
         self._nonce = self._agree_on_nonce()
         self._seq = 0
+        self._in_flight: set[int] = set()   # save sequences not yet decided here
         self._digest: str | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -153,19 +160,26 @@ class DistributedCheckpointer:
     # --- construction ------------------------------------------------------------------
     def _agree_on_nonce(self) -> str:
         store = self._store
-        # Each rank counts its own checkpointers: the n-th of every rank meets under key n.
-        n = store.add(f"zckpt/instances/{self.rank}", 1)
-        key = f"zckpt/nonce/{n}"
+        # Per group, each rank counts its own checkpointers: the n-th checkpointer of a
+        # group meets its peers under key n (a subgroup's never meets the world's).
+        group = ",".join(map(str, self.ranks))
+        n = store.add(f"zckpt/instances/{group}/{self.rank}", 1)
+        key = f"zckpt/nonce/{group}/{n}"
         if self.is_coordinator:
             got = store.compare_set(key, "", secrets.token_hex(8))
-            return got.decode() if isinstance(got, bytes) else str(got)
-        try:
-            store.wait([key], timedelta(seconds=NONCE_TIMEOUT_S))
-        except Exception as exc:  # noqa: BLE001 - DistStoreError / RuntimeError on timeout
-            raise TimeoutError(f"rank {self.rank}: the coordinator (rank {self.coordinator}) did not publish the "
-                               f"checkpointer's run id within {NONCE_TIMEOUT_S:.0f}s: construct the "
-                               "DistributedCheckpointer on every rank") from exc
-        return store.get(key).decode()
+        else:
+            try:
+                store.wait([key], timedelta(seconds=NONCE_TIMEOUT_S))
+            except Exception as exc:  # noqa: BLE001 - DistStoreError / RuntimeError on timeout
+                raise TimeoutError(f"rank {self.rank}: the coordinator (rank {self.coordinator}) did not publish the "
+                                   f"checkpointer's run id within {NONCE_TIMEOUT_S:.0f}s: construct the "
+                                   "DistributedCheckpointer on every rank of the group") from exc
+            got = store.get(key)
+        nonce = got.decode(errors="replace") if isinstance(got, bytes) else str(got)
+        # It names directories: nothing but what a coordinator writes is accepted.
+        if not _NONCE_RE.fullmatch(nonce):
+            raise RuntimeError(f"the Store holds {nonce[:40]!r} under {key}, not a run id zckpt wrote")
+        return nonce
 
     # --- saving ------------------------------------------------------------------------
     def save(self, state_dict: Mapping[str, Any], path: str | os.PathLike[str], *,
@@ -190,8 +204,12 @@ class DistributedCheckpointer:
                 raise PoolClosedError("the DistributedCheckpointer is closed")
             seq = self._seq
             self._seq += 1
+            self._in_flight.add(seq)
+            settled = min(self._in_flight)
         keys = T.SaveKeys(self._nonce, seq)
         root = f"{final}.dtmp-{self._nonce}-{seq}"
+        if self.is_coordinator:
+            self._sweep_leftovers(os.path.dirname(final), settled)
         try:
             if os.path.lexists(final):
                 raise FileExistsError(f"something already exists at {final!r}; zckpt never overwrites anything")
@@ -211,6 +229,20 @@ class DistributedCheckpointer:
         self._committer.submit(self._commit, keys, seq, final, root, plan, tree, local, metadata, fut)
         fut.timings["blocked_s"] = time.perf_counter() - t0
         return fut
+
+    def _sweep_leftovers(self, parent: str, settled: int) -> None:
+        """Remove this run's temp roots of saves already decided (a late rank may recreate
+        its rank directory after an abort removed the root)."""
+        pattern = re.compile(rf"\.dtmp-{self._nonce}-(\d+)$")
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            return
+        for name in names:
+            m = pattern.search(name)
+            if m and int(m.group(1)) < settled:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                logger.info("removed %s, left by an aborted save", os.path.join(parent, name))
 
     def _skeleton(self, plan: RankPlan) -> Any:
         """The coordinator pickles the structure (non-tensor values written once, from here)."""
@@ -233,6 +265,8 @@ class DistributedCheckpointer:
         except BaseException as exc:  # noqa: BLE001 - a bug here must still resolve the future
             logger.exception("commit of %s failed on rank %d", final, self.rank)
             verdict = T.Verdict(False, final, {self.rank: f"{type(exc).__name__}: {exc}"})
+        with self._lock:
+            self._in_flight.discard(seq)
         fut.timings["verdict_unix"] = time.time()
         if "t0" in fut.timings:
             fut.timings["durable_s"] = time.perf_counter() - fut.timings.pop("t0")
@@ -261,14 +295,34 @@ class DistributedCheckpointer:
         else:
             verdict = T.await_verdict(store, keys, self.rank, self.coordinator, final,
                                       self.commit_timeout_s + min(VERDICT_MARGIN_S, self.commit_timeout_s))
+            if verdict.path != final:   # not this save's: a garbled or foreign value in the Store
+                verdict = T.Verdict(False, final, {self.coordinator: f"the verdict read names {verdict.path!r}, "
+                                                                     f"not {final!r}"})
             if not verdict.committed:
                 shutil.rmtree(rank_dir(root, self.rank), ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)      # gone already, or the coordinator's to remove
         T.acknowledge(store, keys, self.ranks)
         return verdict
 
     def _decide(self, store: Any, keys: T.SaveKeys, final: str, root: str, plan: RankPlan | None, tree: Any,
                 metadata: Any) -> T.Verdict:
-        """The coordinator: collect, then commit or abort, and say so to every rank."""
+        """The coordinator: collect, then commit or abort, and say so to every rank; an
+        unexpected failure here still publishes an abort and removes the temp root."""
+        try:
+            return self._decide_steps(store, keys, final, root, plan, tree, metadata)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear a verdict
+            logger.exception("the coordinator failed deciding %s", final)
+            verdict = T.Verdict(False, final, {self.rank: f"the coordinator failed: {type(exc).__name__}: {exc}"})
+            with contextlib.suppress(Exception):
+                T.claim(store, keys, verdict.to_json())
+                T.publish(store, keys, verdict)
+            if not os.path.isdir(final) or os.path.isdir(root):
+                shutil.rmtree(root, ignore_errors=True)
+            return verdict
+
+    def _decide_steps(self, store: Any, keys: T.SaveKeys, final: str, root: str, plan: RankPlan | None, tree: Any,
+                      metadata: Any) -> T.Verdict:
         reports = T.collect(store, keys, self.ranks, time.monotonic() + self.commit_timeout_s)
         reasons = {r: (f"did not report within commit_timeout_s={self.commit_timeout_s:g}s (dead, hung, or "
                        "still writing)" if rep is None else rep.reason)

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from ..errors import CorruptCheckpointError
 from ..format import dtype_from_name, dtype_name
-from ..manifest import Manifest, TensorRecord, decode_skeleton, frozen_path, read_manifest
+from ..manifest import Manifest, TensorRecord, decode_skeleton, path_json, read_manifest
 from ..reader import _check_files, _check_views, _read_storages, _tensor_from
-from ..tree import KeyPath, display_path, encode_path, load_skeleton
+from ..tree import KeyPath, display_path, encode_path, load_skeleton, path_key
 from .boxes import Box, intersect
 
 __all__ = ["load"]
@@ -98,11 +98,12 @@ def _agree(group: Any, err: BaseException | None, what: str) -> None:
         raise RuntimeError(f"zckpt.distributed.load failed on another rank while {what} (its error names why)")
 
 
-def _chunks_by_path(m: Manifest) -> dict[Any, list[TensorRecord]]:
-    out: dict[Any, list[TensorRecord]] = {}
+def _chunks_by_path(m: Manifest) -> dict[str, list[TensorRecord]]:
+    """Records by key path (canonical JSON: int keys and list indices encode as objects)."""
+    out: dict[str, list[TensorRecord]] = {}
     for rec in m.tensors:
         if rec.path is not None:
-            out.setdefault(rec.path, []).append(rec)
+            out.setdefault(path_json(rec.path), []).append(rec)
     return out
 
 
@@ -112,13 +113,13 @@ def _saved_box(rec: TensorRecord) -> Box:
     return Box(tuple(rec.global_offset), tuple(rec.shape), tuple(rec.global_shape))
 
 
-def _targets(state_dict: Any, groups: dict[Any, list[TensorRecord]]) -> list[tuple[KeyPath, torch.Tensor, Box,
+def _targets(state_dict: Any, groups: dict[str, list[TensorRecord]]) -> list[tuple[KeyPath, torch.Tensor, Box,
                                                                                     list[TensorRecord]]]:
     """``(path, local tensor to fill, its box, the saved chunks)`` per tensor of the target."""
     out = []
     for path, t in _walk(state_dict):
         where = display_path(path)
-        chunks = groups.get(frozen_path(encode_path(path)))
+        chunks = groups.get(path_key(encode_path(path)))
         if not chunks:
             raise KeyError(f"tensor {where} is not in the checkpoint")
         local, box = _local_and_box(t, where)

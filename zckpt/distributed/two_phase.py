@@ -153,7 +153,7 @@ def collect(store: Any, keys: SaveKeys, ranks: list[int], deadline: float) -> di
 def claim(store: Any, keys: SaveKeys, value: str) -> str:
     """Set the claim to ``value`` unless it is set already; return what it holds now."""
     got = store.compare_set(keys.claim, "", value)
-    return got.decode() if isinstance(got, bytes) else str(got)
+    return got.decode(errors="replace") if isinstance(got, bytes) else str(got)
 
 
 def publish(store: Any, keys: SaveKeys, verdict: Verdict) -> None:
