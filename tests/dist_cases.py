@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-FAST = dict(fsync=False, heartbeat_interval_s=0.2, heartbeat_liveness=5, init_timeout_s=60.0, num_workers=1)
+FAST = dict(fsync=False, heartbeat_interval_s=0.2, heartbeat_liveness=5, init_timeout_s=60.0, num_workers=1,
+            shard_retries=0)   # a killed or hung worker fails its save here: the tests are about the abort
 
 
 def full(key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, step: int = 0) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_sigkill_idle_worker_is_replaced(make_pool, tmp_path):
 def test_sigkill_while_writing_fails_the_save_and_keeps_old_checkpoints(make_pool, tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
-    pool = make_pool(num_workers=2, config=PoolConfig(**FAST), writer_factory=GateWriter,
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST, shard_retries=0), writer_factory=GateWriter,
                      writer_kwargs={"gate_dir": str(gate)})
     (gate / "open").touch()
     pool.save({"a": torch.ones(5), "b": torch.ones(5)}, tmp_path / "ck" / "good").result(timeout=60)
@@ -125,7 +125,7 @@ def test_sigkill_while_writing_fails_the_save_and_keeps_old_checkpoints(make_poo
 def test_sigstop_while_writing_is_declared_dead_within_three_intervals(make_pool, tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
-    cfg = PoolConfig(**FAST)
+    cfg = PoolConfig(**FAST, shard_retries=0)
     pool = make_pool(num_workers=1, config=cfg, writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
     fut = pool.save({"a": torch.ones(5)}, tmp_path / "c")
     wait_until(lambda: started(gate) == 1, 30, "the worker to start writing")
@@ -302,3 +302,40 @@ def test_deaths_seen_before_the_kill_command_are_kills_not_crashes(make_pool, tm
         fut.result(timeout=30)
     assert pool.stats.worker_restarts == 0
     pool.kill()
+
+
+def test_a_worker_killed_mid_write_costs_a_retry_not_the_save(make_pool, tmp_path):
+    """shard_retries (default 1): the shard goes to the replacement worker, which writes it
+    again from the same snapshot in shared memory; the save commits and loads bit-exactly."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST), writer_factory=GateWriter,
+                     writer_kwargs={"gate_dir": str(gate)})
+    sd = {"a": torch.arange(4096.0), "b": torch.ones(1000, dtype=torch.bfloat16)}
+    fut = pool.save(sd, tmp_path / "c")
+    wait_until(lambda: started(gate) == 2, 30, "both workers to start writing")
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: started(gate) == 3, 30, "the replacement to start the shard again")
+    (gate / "open").touch()
+    assert fut.result(timeout=60) == str(tmp_path / "c")
+    assert fut.timings["shard_retries"] == 1.0
+    back = zckpt.load(tmp_path / "c")
+    assert torch.equal(back["a"], sd["a"]) and torch.equal(back["b"], sd["b"])
+    assert pool.stats.worker_restarts == 1 and victim not in pool.worker_pids
+
+
+def test_a_shard_that_fails_on_every_attempt_fails_the_save_once_retries_run_out(make_pool, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST, shard_retries=2), writer_factory=GateWriter,
+                     writer_kwargs={"gate_dir": str(gate)})
+    fut = pool.save({"a": torch.ones(8)}, tmp_path / "c")
+    for attempt in range(3):     # the first worker and two replacements each die mid-write
+        wait_until(lambda n=attempt: started(gate) == n + 1, 30, f"attempt {attempt + 1} to start")
+        os.kill(pool.worker_pids[0], signal.SIGKILL)
+    with pytest.raises(zckpt.WorkerDiedError) as info:
+        fut.result(timeout=60)
+    assert info.value.generation == 2 and not (tmp_path / "c").exists()
+    (gate / "open").touch()
+    assert pool.save({"a": torch.ones(8)}, tmp_path / "d").result(timeout=60)

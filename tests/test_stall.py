@@ -22,7 +22,7 @@ FAST = dict(fsync=False, heartbeat_interval_s=0.1, heartbeat_liveness=3, init_ti
 def test_a_stalled_write_fails_naming_file_and_bytes_and_is_replaced(make_pool, tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
-    cfg = PoolConfig(**FAST, stall_timeout_s=1.0)
+    cfg = PoolConfig(**FAST, stall_timeout_s=1.0, shard_retries=0)
     pool = make_pool(num_workers=1, config=cfg, writer_factory=HalfThenGateWriter,
                      writer_kwargs={"gate_dir": str(gate)})
     victim = pool.worker_pids[0]

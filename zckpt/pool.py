@@ -418,9 +418,10 @@ class CheckpointPool:
         for i, task in enumerate(tasks):
             msg = P.WriteFiles(job_id=save.id, dirs=save.tmp_dirs, files=[task], live_keys=live,
                                kwargs=writer_kwargs)
-            self._supervisor.submit(ShardJob(
-                slot=i, message=msg, deadline=deadline, describe=f"{task.name} of {save.finals[0]}",
-                on_done=functools.partial(self._shard_done, save, i)))
+            job = ShardJob(slot=i, message=msg, deadline=deadline, describe=f"{task.name} of {save.finals[0]}",
+                           on_done=functools.partial(self._shard_done, save, i), retries=self.config.shard_retries)
+            save.jobs.append(job)
+            self._supervisor.submit(job)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Graceful shutdown: refuse new saves, let in-flight saves finish, stop workers.
@@ -504,6 +505,7 @@ class CheckpointPool:
         save.pending.discard(index)
         if save.pending:
             return
+        save.future.timings["shard_retries"] = float(sum(j.attempts - 1 for j in save.jobs))
         assert save.bufset is not None
         self._arena.release(save.bufset)
         if save.error is None:

@@ -69,7 +69,8 @@ class SaveFuture(Future):
         path: the final checkpoint directory.
         save_id: the save's id in its pool (in log lines as ``save <id>``).
         timings: where the save's time went, in seconds: ``plan_s``, ``wait_buffer_s``,
-            ``staged_s``, ``blocked_s``, ``durable_s``.
+            ``staged_s``, ``blocked_s``, ``durable_s``; and ``shard_retries``, how many
+            shards were written again by a replacement worker.
         mirror_errors: once committed, the mirrors it could not be committed under (one
             line each; empty normally). The next save's commit completes them.
     """
@@ -106,6 +107,7 @@ class Save:
         self.state = SaveState.STAGING
         self.tmp_dirs: list[str] = []
         self.created_dirs: list[str] = []   # directories this save created (their parents get fsynced)
+        self.jobs: list[Any] = []           # its shard jobs (ShardJob), for the retry count
         self.bufset: BufferSet | None = None
         self.plan: SavePlan | None = None
         self.tree: dict[str, Any] = {}             # the manifest's encoded structure

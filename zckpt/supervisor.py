@@ -114,6 +114,8 @@ class ShardJob:
     on_done: Callable[[P.JobResult | None, BaseException | None], None]
     deadline: float                # monotonic
     describe: str = ""
+    retries: int = 0               # times it may go to a replacement if its worker dies or hangs
+    attempts: int = 1              # how many workers have been given it
 
 
 @dataclass
@@ -439,7 +441,18 @@ class Supervisor(threading.Thread):
                 job.on_done(None, PoolClosedError("the checkpoint pool was killed"))
             return
         logger.warning(msg)
-        if job:
+        retry = (job is not None and job.retries > 0 and self.config.replace_dead_workers
+                 and was is not SlotState.SPAWNING and now < job.deadline
+                 and self._state not in (SupervisorState.STOPPING, SupervisorState.BROKEN))
+        if job and retry:
+            # The replacement maps the same shared memory: the shard is written again from
+            # the same snapshot. A death costs a retry, not the save.
+            job.retries -= 1
+            job.attempts += 1
+            slot.queue.appendleft(job)
+            logger.warning("handing %s to the replacement of slot %d (attempt %d)", job.describe, slot.index,
+                           job.attempts)
+        elif job:
             job.on_done(None, WorkerDiedError(msg, **facts))
         if was is SlotState.SPAWNING:
             self._start_failed(slot, WorkerInitError(f"{msg} during start-up"))

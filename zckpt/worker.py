@@ -324,8 +324,10 @@ class Worker:
                     sums = self._hasher.submit(_checksums, data, task.chunks)
                 t0 = time.perf_counter()
                 for d in job.dirs:
-                    self.writer.write_file(os.path.join(d, task.name), data, progress=self._add_progress,
-                                           **job.kwargs)
+                    path = os.path.join(d, task.name)
+                    if os.path.lexists(path):   # a dead or hung worker's partial file: this is the retry
+                        os.unlink(path)
+                    self.writer.write_file(path, data, progress=self._add_progress, **job.kwargs)
                 write_s = time.perf_counter() - t0
                 digests, hash_s = sums.result() if sums is not None else ([], 0.0)
             results.append(P.FileResult(task.name, task.nbytes, digests, write_s, hash_s))
