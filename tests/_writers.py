@@ -101,3 +101,21 @@ def kill_compat(cp: Any) -> None:
     if cp.process is not None:
         cp.process.processes[0].kill()
     cp.close()
+
+
+class FlakyWriter:
+    """Raises TransientWriteError on its first ``fail`` calls, then writes normally."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.calls = 0
+        self.inner = LocalFileWriter(fsync=False)
+
+    def write_file(self, path: str, data: memoryview, *, progress: Callable[[int], None], **kwargs: Any) -> None:
+        self.calls += 1
+        if self.calls <= self.fail:
+            with open(path, "wb") as f:     # leave a partial file, as a real failure would
+                f.write(bytes(data[:10]))
+            from zckpt import TransientWriteError
+            raise TransientWriteError(11, f"throttled (call {self.calls})", path)
+        self.inner.write_file(path, data, progress=progress)

@@ -339,3 +339,22 @@ def test_a_shard_that_fails_on_every_attempt_fails_the_save_once_retries_run_out
     assert info.value.generation == 2 and not (tmp_path / "c").exists()
     (gate / "open").touch()
     assert pool.save({"a": torch.ones(8)}, tmp_path / "d").result(timeout=60)
+
+
+def test_a_transient_writer_error_is_retried_with_backoff(make_pool, tmp_path):
+    from _writers import FlakyWriter
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST), writer_factory=FlakyWriter, writer_kwargs={"fail": 2})
+    sd = {"a": torch.arange(100.0)}
+    fut = pool.save(sd, tmp_path / "c")
+    assert fut.result(timeout=60) == str(tmp_path / "c")
+    assert fut.timings["write_retries"] == 2.0
+    assert torch.equal(zckpt.load(tmp_path / "c")["a"], sd["a"])   # the partial files were replaced
+
+
+def test_a_transient_error_that_persists_fails_the_save_once_retries_run_out(make_pool, tmp_path):
+    from _writers import FlakyWriter
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST, transient_retries=1), writer_factory=FlakyWriter,
+                     writer_kwargs={"fail": 5})
+    with pytest.raises(zckpt.TransientWriteError, match="throttled"):
+        pool.save({"a": torch.ones(4)}, tmp_path / "c").result(timeout=60)
+    assert not (tmp_path / "c").exists()

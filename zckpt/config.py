@@ -60,6 +60,9 @@ class PoolConfig:
             ``save_timeout_s``, so a longer wait than that never helps.
         replace_dead_workers: Start a replacement when a worker dies, so the next
             save works. When false, a death breaks the pool (compat semantics).
+        transient_retries: How many times a worker calls its writer again, with
+            exponential backoff (0.1 s doubling, at most 5 s between tries), after the
+            writer raised :class:`zckpt.TransientWriteError`.
         shard_retries: How many times a shard whose worker died or hung is handed to
             the replacement worker before its save fails (0: fail at once). A worker
             death then costs a retry, not a save. Needs ``replace_dead_workers``.
@@ -96,6 +99,7 @@ class PoolConfig:
     stall_timeout_s: float = 30.0
     replace_dead_workers: bool = True
     shard_retries: int = 1
+    transient_retries: int = 3
     staging_buffers: int = 1
     async_staging: bool = False
     write_chunk_bytes: int = 64 * _MiB
@@ -111,6 +115,7 @@ class PoolConfig:
         _check_int(self, "heartbeat_liveness", 1, 1000)
         _check_int(self, "staging_buffers", 1, 8)
         _check_int(self, "shard_retries", 0, 10)
+        _check_int(self, "transient_retries", 0, 20)
         _check_int(self, "write_chunk_bytes", 4096, 1 << 34)
         for name in ("heartbeat_interval_s", "init_timeout_s", "shutdown_timeout_s",
                      "orphan_timeout_s", "save_timeout_s", "stall_timeout_s", "buffer_wait_timeout_s"):

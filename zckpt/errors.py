@@ -75,6 +75,14 @@ class CorruptCheckpointError(ZckptError):
     """A checkpoint on disk does not match its manifest (checksum, size, missing file)."""
 
 
+class TransientWriteError(ZckptError, OSError):
+    """Raise this from a writer's ``write_file`` for a failure worth trying again (a
+    throttled or briefly unreachable store): the worker removes the partial file and
+    calls ``write_file`` again after 0.1, 0.2, 0.4 ... s (at most 5 s), up to
+    ``PoolConfig.transient_retries`` times; the last failure fails the save. Any other
+    exception fails the save at once. Counted in ``fut.timings["write_retries"]``."""
+
+
 class PoolClosedError(ZckptError):
     """The pool was closed, killed or broken, so it takes no more work."""
 
@@ -130,7 +138,7 @@ _BUILTIN_ALLOWED = frozenset({
 def _zckpt_allowed() -> dict[str, type]:
     return {f"{__name__}.{cls.__name__}": cls for cls in (
         ZckptError, WorkerDiedError, WorkerInitError, CorruptCheckpointError, PoolClosedError,
-        ReentrantSaveError, RemoteError)}
+        ReentrantSaveError, RemoteError, TransientWriteError)}
 
 
 def _is_plain(value: Any) -> bool:

@@ -506,6 +506,7 @@ class CheckpointPool:
         if save.pending:
             return
         save.future.timings["shard_retries"] = float(sum(j.attempts - 1 for j in save.jobs))
+        save.future.timings["write_retries"] = float(sum(f.retries for r in save.results.values() for f in r.files))
         assert save.bufset is not None
         self._arena.release(save.bufset)
         if save.error is None:

@@ -110,6 +110,7 @@ class InitRequest:
     fsync: bool
     direct_io: bool
     log_level: int
+    transient_retries: int
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class FileResult:
     checksums: list[str]
     write_s: float
     hash_s: float
+    retries: int = 0          # writer calls repeated after a TransientWriteError
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ class SaveFuture(Future):
         save_id: the save's id in its pool (in log lines as ``save <id>``).
         timings: where the save's time went, in seconds: ``plan_s``, ``wait_buffer_s``,
             ``staged_s``, ``blocked_s``, ``durable_s``; and ``shard_retries``, how many
-            shards were written again by a replacement worker.
+            shards were written again by a replacement worker, and ``write_retries``, how
+            many writer calls were repeated after a ``TransientWriteError``.
         mirror_errors: once committed, the mirrors it could not be committed under (one
             line each; empty normally). The next save's commit completes them.
     """

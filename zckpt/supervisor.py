@@ -644,6 +644,7 @@ class Supervisor(threading.Thread):
             heartbeat_interval_s=cfg.heartbeat_interval_s, orphan_timeout_s=cfg.orphan_timeout_s,
             write_chunk_bytes=cfg.write_chunk_bytes, checksum=cfg.checksum, fsync=cfg.fsync,
             direct_io=cfg.direct_io, log_level=logging.getLogger("zckpt").getEffectiveLevel(),
+            transient_retries=cfg.transient_retries,
         )
 
     def _send_heartbeats(self, router: zmq.Socket) -> None:

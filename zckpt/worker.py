@@ -312,6 +312,26 @@ class Worker:
             mm = self._maps[seg.key] = map_segment(seg.path, seg.nbytes)
         return mm
 
+    def _write_one(self, path: str, data: memoryview, kwargs: dict[str, Any]) -> int:
+        """Have the writer store ``data`` at ``path``; retry a TransientWriteError with
+        backoff (see its docstring). Returns how many retries it took."""
+        from .errors import TransientWriteError
+        assert self.init is not None
+        for attempt in range(self.init.transient_retries + 1):
+            if os.path.lexists(path):   # a partial file: of a dead worker's attempt, or of ours
+                os.unlink(path)
+            try:
+                self.writer.write_file(path, data, progress=self._add_progress, **kwargs)
+                return attempt
+            except TransientWriteError as exc:
+                if attempt == self.init.transient_retries:
+                    raise
+                delay = min(5.0, 0.1 * 2 ** attempt)
+                logger.warning("transient failure writing %s (%s); retry %d in %.1fs", path, exc, attempt + 1,
+                               delay)
+                time.sleep(delay)   # a bounded backoff, not synchronisation
+        raise AssertionError("unreachable")
+
     def _write_files(self, job: P.WriteFiles) -> P.JobResult:
         assert self.init is not None
         self._drop_unlisted(job.live_keys)
@@ -323,14 +343,12 @@ class Worker:
                 if self.init.checksum != "none":
                     sums = self._hasher.submit(_checksums, data, task.chunks)
                 t0 = time.perf_counter()
+                retries = 0
                 for d in job.dirs:
-                    path = os.path.join(d, task.name)
-                    if os.path.lexists(path):   # a dead or hung worker's partial file: this is the retry
-                        os.unlink(path)
-                    self.writer.write_file(path, data, progress=self._add_progress, **job.kwargs)
+                    retries += self._write_one(os.path.join(d, task.name), data, job.kwargs)
                 write_s = time.perf_counter() - t0
                 digests, hash_s = sums.result() if sums is not None else ([], 0.0)
-            results.append(P.FileResult(task.name, task.nbytes, digests, write_s, hash_s))
+            results.append(P.FileResult(task.name, task.nbytes, digests, write_s, hash_s, retries))
         return P.JobResult(job.job_id, results)
 
     def _write_state(self, job: P.WriteState) -> P.JobResult:
