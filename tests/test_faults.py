@@ -358,3 +358,57 @@ def test_a_transient_error_that_persists_fails_the_save_once_retries_run_out(mak
     with pytest.raises(zckpt.TransientWriteError, match="throttled"):
         pool.save({"a": torch.ones(4)}, tmp_path / "c").result(timeout=60)
     assert not (tmp_path / "c").exists()
+
+
+# --- overload and memory: on_busy, max_pending, staging_budget_bytes ------------------------------
+def _held_save(make_pool, tmp_path, **cfg):
+    """A pool whose first save is held mid-write (its staging buffer stays busy)."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST, **cfg), writer_factory=GateWriter,
+                     writer_kwargs={"gate_dir": str(gate)})
+    first = pool.save({"a": torch.ones(1000)}, tmp_path / "first")
+    wait_until(lambda: started(gate) == 1, 30, "the first save to start writing")
+    return pool, first, gate
+
+
+def test_on_busy_skip_drops_the_save_at_once_and_says_so(make_pool, tmp_path):
+    pool, first, gate = _held_save(make_pool, tmp_path, on_busy="skip")
+    fut = pool.save({"a": torch.zeros(1000)}, tmp_path / "second")
+    assert fut.staged.done()
+    with pytest.raises(zckpt.SaveSkippedError, match="staging buffer"):
+        fut.result(timeout=1)
+    assert pool.stats.saves_skipped == 1 and not (tmp_path / "second").exists()
+    (gate / "open").touch()
+    assert first.result(timeout=60) == str(tmp_path / "first")
+    assert pool.save({"a": torch.zeros(1000)}, tmp_path / "third").result(timeout=60)
+
+
+def test_on_busy_raise_refuses_at_once(make_pool, tmp_path):
+    pool, first, gate = _held_save(make_pool, tmp_path, on_busy="raise")
+    t0 = time.monotonic()
+    with pytest.raises(zckpt.PoolBusyError, match="staging buffer"):
+        pool.save({"a": torch.zeros(1000)}, tmp_path / "second")
+    assert time.monotonic() - t0 < 5
+    (gate / "open").touch()
+    assert first.result(timeout=60)
+
+
+def test_max_pending_counts_saves_in_flight_even_with_free_buffers(make_pool, tmp_path):
+    pool, first, gate = _held_save(make_pool, tmp_path, on_busy="raise", staging_buffers=2, max_pending=1)
+    with pytest.raises(zckpt.PoolBusyError, match="max_pending=1"):
+        pool.save({"a": torch.zeros(1000)}, tmp_path / "second")
+    (gate / "open").touch()
+    assert first.result(timeout=60)
+
+
+def test_the_staging_arena_never_exceeds_its_budget(make_pool, tmp_path):
+    budget = 6 << 20
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST, staging_budget_bytes=budget))
+    with pytest.raises(zckpt.StagingBudgetError, match="over staging_budget_bytes"):
+        pool.save({"a": torch.ones(2 << 20), "b": torch.ones(2 << 20)}, tmp_path / "big")   # 16 MiB
+    assert not (tmp_path / "big").exists()
+    for i in range(3):
+        pool.save({"a": torch.ones(256 << 10) * i, "b": torch.ones(256 << 10)}, tmp_path / f"s{i}").result(timeout=60)
+    assert 0 < pool.stats.arena_nbytes <= budget
+    assert torch.equal(zckpt.load(tmp_path / "s2")["a"], torch.ones(256 << 10) * 2)

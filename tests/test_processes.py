@@ -418,16 +418,22 @@ def test_a_pool_collected_on_its_supervisor_thread_still_frees_its_arena(tmp_pat
     import gc
     import weakref
 
+    from _writers import GateWriter
     from conftest import _memfd_fds, wait_until
+    gate = tmp_path / "gate"
+    gate.mkdir()
     unraisable: list = []
     old_hook = sys.unraisablehook
     sys.unraisablehook = unraisable.append
     try:
-        pool = zckpt.CheckpointPool(num_workers=2, config=zckpt.PoolConfig(fsync=False, init_timeout_s=30.0))
-        fut = pool.save({"w": torch.ones(8 << 20, dtype=torch.uint8)}, tmp_path / "a")
-        ref = weakref.ref(pool)
-        del pool
         with pytest.warns(ResourceWarning):
+            pool = zckpt.CheckpointPool(num_workers=2, config=zckpt.PoolConfig(fsync=False, init_timeout_s=30.0),
+                                        writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+            fut = pool.save({"w": torch.ones(8 << 20, dtype=torch.uint8)}, tmp_path / "a")
+            wait_until(lambda: any(p.name.startswith("started") for p in gate.iterdir()), 30, "a write to start")
+            ref = weakref.ref(pool)
+            del pool            # the save in flight holds the pool now: it dies on the supervisor thread
+            (gate / "open").touch()
             fut.result(timeout=60)
             wait_until(lambda: (gc.collect() or True) and ref() is None, 30, "the pool to be collected")
         wait_until(lambda: not _memfd_fds(), 30, "the arena's memfds to close")

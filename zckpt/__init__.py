@@ -26,13 +26,15 @@ _EXPORTS = {
     "ShardWriter": "writers", "LocalFileWriter": "writers",
     "ZckptError": "errors", "WorkerDiedError": "errors", "WorkerInitError": "errors",
     "CorruptCheckpointError": "errors", "PoolClosedError": "errors", "ReentrantSaveError": "errors",
-    "TransientWriteError": "errors",
+    "TransientWriteError": "errors", "PoolBusyError": "errors", "SaveSkippedError": "errors",
+    "StagingBudgetError": "errors",
 }
 
 # Spelled out (not derived from _EXPORTS) so type checkers and linters can read it.
 __all__ = [
-    "CheckpointPool", "CorruptCheckpointError", "LocalFileWriter", "PoolClosedError", "PoolConfig",
-    "PoolState", "PoolStats", "ReentrantSaveError", "SaveFuture", "SaveState", "ShardWriter", "TransientWriteError",
+    "CheckpointPool", "CorruptCheckpointError", "LocalFileWriter", "PoolBusyError", "PoolClosedError", "PoolConfig",
+    "PoolState", "PoolStats", "ReentrantSaveError", "SaveFuture", "SaveSkippedError", "SaveState", "ShardWriter",
+    "StagingBudgetError", "TransientWriteError",
     "WorkerDiedError",
     "WorkerInitError", "ZckptError", "__version__", "latest", "load", "load_metadata", "verify",
 ]

@@ -81,9 +81,10 @@ class BufferSet:
 class Arena:
     """Buffer sets of segments; :meth:`acquire` hands one out, :meth:`release` returns it."""
 
-    def __init__(self, num_sets: int, name: str, round_bytes: int = _ROUND) -> None:
+    def __init__(self, num_sets: int, name: str, round_bytes: int = _ROUND, budget: int | None = None) -> None:
         self._name = name
         self._round = round_bytes  # segment sizes are multiples of this
+        self._budget = budget      # the most bytes all segments together may hold (None: no limit)
         self._sets = [BufferSet(i, []) for i in range(num_sets)]
         # Re-entrant: a signal handler that reads the pool's stats or closes it may run
         # on a thread that is inside acquire()/release() (a plain Lock would deadlock).
@@ -152,6 +153,18 @@ class Arena:
                 # a regrowth adds 1/8 so a state dict that keeps growing reallocates rarely.
                 regrow = i < len(bufset.segments)
                 nbytes = _round_up(need + (need // 8 if regrow else 0), self._round)
+                if self._budget is not None:
+                    with self._cond:
+                        held = sum(seg.nbytes for s in self._sets for seg in s.segments)
+                    freed = bufset.segments[i].nbytes if regrow else 0
+                    if held - freed + nbytes > self._budget:
+                        nbytes = _round_up(need, self._round)   # without the regrowth's slack
+                    if held - freed + nbytes > self._budget:
+                        from .errors import StagingBudgetError
+                        raise StagingBudgetError(
+                            f"staging needs a segment of {nbytes / 2**20:.1f} MiB, which would take the arena to "
+                            f"{(held - freed + nbytes) / 2**20:.1f} MiB, over staging_budget_bytes "
+                            f"({self._budget / 2**20:.1f} MiB, all {len(self._sets)} buffer set(s) together)")
                 t0 = time.perf_counter()
                 seg = Segment(key, nbytes)
                 logger.info("arena %s: allocated segment %s of %.1f MiB in %.3fs",
@@ -173,6 +186,11 @@ class Arena:
         with self._cond:
             width = max((len(s.segments) for s in self._sets), default=0)
             return [[s.segments[i] for s in self._sets if i < len(s.segments)] for i in range(width)]
+
+    def has_free(self) -> bool:
+        """Whether a buffer set is free now (a hint: another thread may take it first)."""
+        with self._cond:
+            return any(not s.busy for s in self._sets)
 
     def release(self, bufset: BufferSet) -> None:
         with self._cond:

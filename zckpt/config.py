@@ -60,6 +60,16 @@ class PoolConfig:
             ``save_timeout_s``, so a longer wait than that never helps.
         replace_dead_workers: Start a replacement when a worker dies, so the next
             save works. When false, a death breaks the pool (compat semantics).
+        on_busy: What ``save()`` does while earlier saves still hold every staging
+            buffer (or ``max_pending`` saves are in flight): ``"wait"`` for one (at most
+            ``buffer_wait_timeout_s``), ``"skip"`` the save (dropped at once and logged;
+            its future raises :class:`zckpt.SaveSkippedError`), or ``"raise"``
+            :class:`zckpt.PoolBusyError` at once.
+        max_pending: At most this many saves in flight (staged, not yet committed or
+            failed); None: as many as there are staging buffers.
+        staging_budget_bytes: The most shared memory the staging arena may hold, all
+            buffer sets together (None: no limit). A save that would need more is
+            refused at once with :class:`zckpt.StagingBudgetError` naming both sizes.
         transient_retries: How many times a worker calls its writer again, with
             exponential backoff (0.1 s doubling, at most 5 s between tries), after the
             writer raised :class:`zckpt.TransientWriteError`.
@@ -100,6 +110,9 @@ class PoolConfig:
     replace_dead_workers: bool = True
     shard_retries: int = 1
     transient_retries: int = 3
+    on_busy: str = "wait"
+    max_pending: int | None = None
+    staging_budget_bytes: int | None = None
     staging_buffers: int = 1
     async_staging: bool = False
     write_chunk_bytes: int = 64 * _MiB
@@ -116,6 +129,12 @@ class PoolConfig:
         _check_int(self, "staging_buffers", 1, 8)
         _check_int(self, "shard_retries", 0, 10)
         _check_int(self, "transient_retries", 0, 20)
+        if self.on_busy not in ("wait", "skip", "raise"):
+            raise ValueError(f"PoolConfig.on_busy must be 'wait', 'skip' or 'raise', got {self.on_busy!r}")
+        for name in ("max_pending", "staging_budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"PoolConfig.{name} must be a positive int or None, got {value!r}")
         _check_int(self, "write_chunk_bytes", 4096, 1 << 34)
         for name in ("heartbeat_interval_s", "init_timeout_s", "shutdown_timeout_s",
                      "orphan_timeout_s", "save_timeout_s", "stall_timeout_s", "buffer_wait_timeout_s"):

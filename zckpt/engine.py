@@ -106,7 +106,8 @@ class Engine:
         self.cause: BaseException | None = None
         self._next_job = 0
         self._finalizer: weakref.finalize | None = None
-        self.arena = Arena(config.staging_buffers, name=f"{os.getpid()}-{id(self):x}", round_bytes=round_bytes)
+        self.arena = Arena(config.staging_buffers, name=f"{os.getpid()}-{id(self):x}", round_bytes=round_bytes,
+                           budget=config.staging_budget_bytes)
         self.cleanup = self.internal_executor("zckpt-cleanup")
         self.supervisor = Supervisor(config, payload, writer_method, self._on_broken)
         t0 = time.perf_counter()

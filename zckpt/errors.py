@@ -83,6 +83,20 @@ class TransientWriteError(ZckptError, OSError):
     exception fails the save at once. Counted in ``fut.timings["write_retries"]``."""
 
 
+class PoolBusyError(ZckptError):
+    """``on_busy="raise"``: a save arrived while earlier ones still held every staging
+    buffer (or ``max_pending`` saves were in flight)."""
+
+
+class SaveSkippedError(ZckptError):
+    """``on_busy="skip"``: the save was dropped at once because earlier ones still held
+    every staging buffer (or ``max_pending`` were in flight); nothing was written."""
+
+
+class StagingBudgetError(ZckptError, MemoryError):
+    """Staging a state dict would take the arena past ``PoolConfig.staging_budget_bytes``."""
+
+
 class PoolClosedError(ZckptError):
     """The pool was closed, killed or broken, so it takes no more work."""
 
@@ -138,7 +152,8 @@ _BUILTIN_ALLOWED = frozenset({
 def _zckpt_allowed() -> dict[str, type]:
     return {f"{__name__}.{cls.__name__}": cls for cls in (
         ZckptError, WorkerDiedError, WorkerInitError, CorruptCheckpointError, PoolClosedError,
-        ReentrantSaveError, RemoteError, TransientWriteError)}
+        ReentrantSaveError, RemoteError, TransientWriteError, PoolBusyError, SaveSkippedError,
+        StagingBudgetError)}
 
 
 def _is_plain(value: Any) -> bool:

@@ -50,7 +50,7 @@ from . import protocol as P
 from .arena import BufferSet
 from .config import PoolConfig
 from .engine import KILL_TEARDOWN_S, Engine, PoolState, wait_all
-from .errors import PoolClosedError, ZckptError
+from .errors import PoolBusyError, PoolClosedError, SaveSkippedError, ZckptError
 from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton, json_metadata
 from .plan import SavePlan, collect_storages, plan_records, plan_save
 from .save import FINAL, Save, SaveFuture, SaveState
@@ -79,6 +79,7 @@ class PoolStats:
     saves_failed: int
     worker_restarts: int
     dropped_frames: int = 0   # frames from peers that did not prove the pool's secret
+    saves_skipped: int = 0    # dropped by on_busy="skip" (not counted as started)
 
 
 class CheckpointPool:
@@ -132,7 +133,7 @@ class CheckpointPool:
         # The last plan: (structure key, plan, encoded skeleton); see _plan.
         self._plan_cache: tuple[tuple[Any, ...], SavePlan, dict[str, Any]] | None = None
         self._records_cache: tuple[SavePlan, list[StorageRecord], list[TensorRecord]] | None = None
-        self._counts = {"started": 0, "committed": 0, "failed": 0}
+        self._counts = {"started": 0, "committed": 0, "failed": 0, "skipped": 0}
         self._swept: set[str] = set()
         try:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
@@ -165,7 +166,7 @@ class CheckpointPool:
         with self._lock:
             c = dict(self._counts)
         return PoolStats(self._arena.nbytes, self._arena.allocations, c["started"], c["committed"],
-                         c["failed"], self._supervisor.restarts, self._supervisor.dropped_frames)
+                         c["failed"], self._supervisor.restarts, self._supervisor.dropped_frames, c["skipped"])
 
     def save(self, state_dict: Mapping[str, Any], path: PathLike, *,
              metadata: Mapping[str, Any] | None = None, **writer_kwargs: Any) -> SaveFuture:
@@ -218,6 +219,9 @@ class CheckpointPool:
         for f in finals:
             if os.path.lexists(f):
                 raise FileExistsError(f"{_what_is_at(f)} already exists at {f!r}; zckpt never overwrites anything")
+        busy = self._wait_until_not_busy()
+        if busy is not None:   # on_busy is "skip" (raise raised already)
+            return self._skipped(finals[0], busy)
         save = self._register(finals, t0)
         fut = save.future
         if self.config.async_staging:
@@ -236,6 +240,9 @@ class CheckpointPool:
         self._local.staging = fut  # a close() from a handler interrupting us must not wait for it
         try:
             tasks = self._stage(state_dict, save, metadata)
+        except SaveSkippedError as exc:    # another thread took the last buffer meanwhile
+            save.transition(SaveState.FAILED, exc)
+            return fut
         except BaseException as exc:
             save.transition(SaveState.FAILED, exc)
             raise
@@ -366,8 +373,62 @@ class CheckpointPool:
         return plan, tree, sources
 
     def _acquire(self, plan: SavePlan) -> BufferSet:
-        return self._arena.acquire([s.nbytes for s in plan.shards], self.config.buffer_wait_timeout_s,
-                                   pin=plan.needs_pinning)
+        waits = self.config.on_busy == "wait"
+        try:
+            return self._arena.acquire([s.nbytes for s in plan.shards],
+                                       self.config.buffer_wait_timeout_s if waits else 0.0, pin=plan.needs_pinning)
+        except TimeoutError:
+            if waits:
+                raise
+            why = "every staging buffer is held by earlier saves still being written"
+            if self.config.on_busy == "raise":
+                raise PoolBusyError(f"save refused (on_busy='raise'): {why}") from None
+            raise SaveSkippedError(f"save skipped (on_busy='skip'): {why}") from None
+
+    def _busy_reason(self) -> str | None:
+        """Why a save now would have to wait, or None."""
+        limit = self.config.max_pending
+        with self._lock:
+            pending = len(self._saves)
+        if limit is not None and pending >= limit:
+            return f"{pending} saves are in flight (max_pending={limit})"
+        if not self._arena.has_free():
+            return "every staging buffer is held by earlier saves still being written"
+        return None
+
+    def _wait_until_not_busy(self) -> str | None:
+        """Apply ``on_busy`` before a save: wait (bounded), raise, or return why to skip."""
+        why = self._busy_reason()
+        if why is None:
+            return None
+        policy = self.config.on_busy
+        if policy == "raise":
+            raise PoolBusyError(f"save refused (on_busy='raise'): {why}")
+        if policy == "skip":
+            return why
+        limit = self.config.max_pending
+        deadline = time.monotonic() + self.config.buffer_wait_timeout_s
+        while limit is not None:   # the buffers are waited for in acquire(); the count here
+            with self._lock:
+                pending = sorted(self._saves.values(), key=lambda s: s.id)
+            if len(pending) < limit:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(pending)} saves still in flight after buffer_wait_timeout_s="
+                                   f"{self.config.buffer_wait_timeout_s:g}s (max_pending={limit})")
+            wait_all([pending[0].future], min(deadline, time.monotonic() + left))
+        return None
+
+    def _skipped(self, path: str, why: str) -> SaveFuture:
+        """A save dropped by ``on_busy="skip"``: logged, counted, its future failed at once."""
+        fut = SaveFuture(path)
+        fut.staged.set_result(None)
+        fut.set_exception(SaveSkippedError(f"save of {path} skipped (on_busy='skip'): {why}"))
+        with self._lock:
+            self._counts["skipped"] += 1
+        logger.warning("save of %s skipped (on_busy='skip'): %s", path, why)
+        return fut
 
     def _make_temp_dirs(self, finals: list[str], created: list[str]) -> list[str]:
         """Make each final's parent (appending what was created to ``created``) and a temp dir."""
@@ -401,9 +462,14 @@ class CheckpointPool:
 
     def _save_final(self, save: Save) -> None:
         """Runs inside a save's final transition, before its futures resolve."""
+        save.jobs.clear()
         with self._lock:
             self._saves.pop(save.id, None)
-            self._counts["committed" if save.state is SaveState.COMMITTED else "failed"] += 1
+            if isinstance(save.error, SaveSkippedError):
+                self._counts["started"] -= 1
+                self._counts["skipped"] += 1
+            else:
+                self._counts["committed" if save.state is SaveState.COMMITTED else "failed"] += 1
         self._leave_commit_order(save)
 
     def _dispatch(self, save: Save, tasks: list[P.FileTask], writer_kwargs: dict[str, Any]) -> None:
@@ -506,6 +572,7 @@ class CheckpointPool:
         if save.pending:
             return
         save.future.timings["shard_retries"] = float(sum(j.attempts - 1 for j in save.jobs))
+        save.jobs.clear()   # they reference the pool (their callbacks): no cycle outlives the save
         save.future.timings["write_retries"] = float(sum(f.retries for r in save.results.values() for f in r.files))
         assert save.bufset is not None
         self._arena.release(save.bufset)
