@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,34 @@ def test_fsdp2_example_resumes_at_another_world_size(tmp_path):
     assert "at world size 1: state matches the checkpoint" in out, out
     assert zckpt.latest(root) == os.path.join(root, "step-12")
     zckpt.verify(os.path.join(root, "step-12"))
+
+
+def test_preemption_recipe_commits_an_emergency_checkpoint_after_sigterm_to_the_group(tmp_path):
+    """SIGTERM to the whole process group, as SLURM and Kubernetes send it: the trainer
+    commits its current state within the grace period and exits 0; the workers, which got
+    the signal too, ignore it until the trainer is done with them."""
+    import select
+    root = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "preemption.py"), "--root", str(root), "--size-mb", "8",
+                             "--every", "5", "--grace-s", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline() if select.select([proc.stdout], [], [], 60)[0] else ""
+        assert first.startswith("training"), first
+        deadline = time.monotonic() + 60
+        while zckpt.latest(root) is None:   # a regular checkpoint exists: training is under way
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("emergency checkpoint"))
+    path = line.split()[2]
+    step = int(line.split("(step ")[1].split(")")[0])
+    assert zckpt.latest(root) == path
+    assert zckpt.load(path)["step"] == step
+    assert float(line.split("committed ")[1].split("s after")[0]) < 20
