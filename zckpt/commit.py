@@ -10,6 +10,30 @@ Order is what the commit recorded, never a file time (a copy, a restore or ``rsy
 without ``-t`` rewrites those): the committer stamps the manifest with
 ``{"sequence": N, "unix_time_ns": T}``, N being 1 + the largest sequence already
 committed under the same root. See :func:`committed` for the full rule.
+
+Why a power loss cannot lose or corrupt a committed checkpoint (the model: only
+``fsync`` orders anything; ``fsync`` of a file makes its data durable, of a directory its
+entries; nothing else is promised; ``tests/test_crash.py`` checks every prefix of a
+save's operations against it):
+
+1. Shard files and the manifest are fsynced before the rename, and the temp directory
+   is fsynced before it (its entries are durable). So if the rename survives, the
+   directory it names holds every file, whole.
+2. The rename is atomic, and until it is durable the checkpoint's name either does not
+   exist or (reordered by the file system) already names the complete directory of 1.
+   A temp directory is never a checkpoint, whatever it holds (:func:`is_temp_dir`).
+3. ``result()`` returns only after the parent is fsynced, and the parents of every
+   directory the save created were fsynced before the rename (:func:`fsync_created`),
+   so a checkpoint whose save returned survives along with the path to it. If that last
+   fsync fails, the rename is taken back and the save fails: the caller and ``latest()``
+   agree, now and after a crash.
+4. Retention renames a condemned checkpoint to ``*.del-*`` and fsyncs the parent before
+   deleting anything, so a checkpoint is whole or gone; :func:`sweep_temp_dirs` removes
+   condemned and abandoned temp directories (judged by pid, start time and boot id).
+5. A mirror is committed after the primary by the same steps; one the primary has but a
+   mirror lacks is copied by the next commit (:func:`repair_mirror`).
+6. Every fsync is tried once (:mod:`zckpt._sync`): after a failure the page cache may
+   have dropped the data, and a second fsync could succeed over the loss.
 """
 
 from __future__ import annotations
