@@ -66,10 +66,11 @@ def test_preemption_recipe_commits_an_emergency_checkpoint_after_sigterm_to_the_
     root = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / "preemption.py"), "--root", str(root), "--size-mb", "8",
                              "--every", "5", "--grace-s", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.txt", "w"), text=True,
+                            start_new_session=True)   # stderr apart: torch may warn there first (no numpy)
     try:
         first = proc.stdout.readline() if select.select([proc.stdout], [], [], 60)[0] else ""
-        assert first.startswith("training"), first
+        assert first.startswith("training"), (first, (tmp_path / "stderr.txt").read_text()[-2000:])
         deadline = time.monotonic() + 60
         while zckpt.latest(root) is None:   # a regular checkpoint exists: training is under way
             assert time.monotonic() < deadline and proc.poll() is None
@@ -80,7 +81,7 @@ def test_preemption_recipe_commits_an_emergency_checkpoint_after_sigterm_to_the_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, (out, (tmp_path / "stderr.txt").read_text()[-2000:])
     line = next(x for x in out.splitlines() if x.startswith("emergency checkpoint"))
     path = line.split()[2]
     step = int(line.split("(step ")[1].split(")")[0])
