@@ -100,8 +100,9 @@ def _resources() -> dict[str, int]:
             "rss_kib": proc_status_kib(pid, "VmRSS") or 0}
 
 
-def job(root: str, every: int, seed: int, log: str) -> None:
-    """Resume from latest(), train, save every ``every`` steps, until killed."""
+def job(root: str, every: int, seed: int, log: str, step_ms: float) -> None:
+    """Resume from latest(), train, save every ``every`` steps, until killed. Each step
+    takes at least ``step_ms`` (the model is tiny: this stands for the real compute)."""
     import zckpt
     model, opt = _model_and_opt()
     start = 0
@@ -149,7 +150,9 @@ def job(root: str, every: int, seed: int, log: str) -> None:
         step = start
         while True:
             step += 1
+            t_step = time.perf_counter()
             _step(model, opt, step)
+            time.sleep(max(0.0, step_ms / 1e3 - (time.perf_counter() - t_step)))   # simulated compute
             if step % every == 0:
                 try:
                     pending.append((step, pool.save(_state(model, opt, step), os.path.join(root, f"step-{step:07d}"))))
@@ -183,8 +186,10 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def drive(minutes: float, every: int, kill_mean_s: float, seed: int, parent: str | None) -> dict[str, Any]:
+def drive(minutes: float, every: int, kill_mean_s: float, seed: int, parent: str | None,
+          step_ms: float) -> dict[str, Any]:
     import zckpt
+    from zckpt.commit import committed
     rng = random.Random(seed)
     out: dict[str, Any] = {"restarts": 0, "attempted": 0, "committed": 0, "failed_cleanly": 0, "lost": 0,
                            "checked": 0, "resumed": 0, "resumed_exactly": 0, "resources": []}
@@ -194,7 +199,8 @@ def drive(minutes: float, every: int, kill_mean_s: float, seed: int, parent: str
         checked: set[str] = set()
         while time.monotonic() < deadline:
             proc = subprocess.Popen([sys.executable, __file__, "--job", str(root), "--every", str(every),
-                                     "--seed", str(rng.randrange(1 << 30)), "--log", str(log)],
+                                     "--seed", str(rng.randrange(1 << 30)), "--log", str(log),
+                                     "--step-ms", str(step_ms)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             life = min(rng.expovariate(1 / kill_mean_s), max(0.5, deadline - time.monotonic()))
             try:
@@ -203,7 +209,7 @@ def drive(minutes: float, every: int, kill_mean_s: float, seed: int, parent: str
                 os.killpg(proc.pid, signal.SIGKILL)    # the trainer (and its group) dies mid-whatever
                 proc.wait(timeout=30)
             out["restarts"] += 1
-            for path in zckpt.commit.committed(root):  # every checkpoint that says it is committed
+            for path in committed(root):  # every checkpoint that says it is committed
                 if path in checked:
                     continue
                 checked.add(path)
@@ -243,6 +249,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=None, help="a save every N steps")
     ap.add_argument("--kill-mean-s", type=float, default=None, help="mean seconds between trainer kills")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step-ms", type=float, default=10.0, help="the least time a training step takes")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--log", default=None, help=argparse.SUPPRESS)
@@ -250,9 +257,10 @@ def main() -> None:
     args = ap.parse_args()
     every = args.every or (5 if args.quick else 20)
     if args.job:
-        job(args.job, every, args.seed, args.log)
+        job(args.job, every, args.seed, args.log, args.step_ms)
         return
-    r = drive(args.minutes, every, args.kill_mean_s or (3.0 if args.quick else 15.0), args.seed, args.dir)
+    r = drive(args.minutes, every, args.kill_mean_s or (4.0 if args.quick else 15.0), args.seed, args.dir,
+              args.step_ms)
     table = report.Table(f"chaos: {args.minutes:g} min, a save every {every} steps", ["what", "count"])
     for key in ("restarts", "attempted", "committed", "failed_cleanly", "checked", "lost", "resumed",
                 "resumed_exactly"):

@@ -94,3 +94,16 @@ def test_registry_and_selection(monkeypatch):
     assert methods.make_method("zckpt_8", log_dir=Path(ROOT)).group == "zckpt"
     with pytest.raises(ValueError, match="unknown method"):
         methods.select("nope")
+
+
+def test_chaos_loses_no_committed_checkpoint(tmp_path):
+    """bench/chaos.py scaled down: 45 s of killed workers and trainers, a full disk and
+    failing fsyncs; every committed checkpoint found must equal a replay of the run."""
+    out_json = tmp_path / "chaos.json"
+    run("bench/chaos.py", "--minutes", "0.75", "--quick", "--dir", str(tmp_path), "--json", str(out_json))
+    r = json.loads(out_json.read_text())
+    assert r["lost"] == 0, r
+    assert r["committed"] > 0 and r["checked"] > 0 and r["restarts"] >= 2, r
+    assert r["resumed_exactly"] == r["resumed"]
+    first, last = r["resources"]
+    assert last["children"] <= first["children"] + 1 and last["fds"] <= first["fds"] + 16, r["resources"]
