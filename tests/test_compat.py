@@ -310,3 +310,12 @@ def test_the_writer_replaces_the_file_atomically(tmp_path):
     assert os.listdir(target) == ["checkpoint_0.pt"]          # no staging directory left behind
     w.write(str(target), {"a": torch.arange(3)})
     assert torch.equal(torch.load(target / "checkpoint_0.pt")["a"], torch.arange(3))
+
+
+def test_the_writer_sweeps_staging_dirs_a_crashed_writer_left(tmp_path):
+    from zckpt.compat import CheckpointWriter, CheckpointWriterConfig, RankInfo
+    stale = tmp_path / ".checkpoint_0.pt.tmp-99999999-0badc0de"      # no such process
+    stale.mkdir()
+    (stale / "checkpoint_0.pt").write_bytes(b"partial")
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo(0, 1)).write(str(tmp_path), {"a": torch.ones(2)})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_0.pt"]

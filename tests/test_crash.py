@@ -249,3 +249,19 @@ def test_a_storage_error_at_any_step_fails_the_save_and_keeps_the_previous_check
         assert not [n for n in os.listdir(root) if ".tmp-" in n]
         assert pool.save(state(3), root / "step-3").result(timeout=120) == str(root / "step-3")
         assert zckpt.latest(root) == str(root / "step-3")
+
+
+def test_a_retention_failure_after_the_commit_does_not_fail_the_save(mount):
+    """Found by review: keep_last failing (here: the rename that condemns the old checkpoint
+    gets EPERM) made result() raise although latest() named the new checkpoint."""
+    import errno as errno_mod
+    root = mount.path / "ckpt"
+    with zckpt.CheckpointPool(config=PoolConfig(num_workers=1, keep_last=1, heartbeat_interval_s=0.5)) as pool:
+        pool.save(state(1), root / "step-1").result(timeout=120)
+        (mount.path / crashfs.FAULTS).write_text(json.dumps(
+            [{"op": "rename", "match": ".del-", "errno": errno_mod.EPERM, "times": 1}]))
+        assert pool.save(state(2), root / "step-2").result(timeout=120) == str(root / "step-2")
+        assert zckpt.latest(root) == str(root / "step-2")
+        assert pool.stats.saves_failed == 0
+        pool.save(state(3), root / "step-3").result(timeout=120)   # retention catches up
+        assert sorted(n for n in os.listdir(root)) == ["step-3"]

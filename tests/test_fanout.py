@@ -53,9 +53,11 @@ def test_mirrors_commit_the_same_checkpoint_twice(make_pool, tmp_path):
     for root in (tmp_path / "main", mirror):
         assert zckpt.latest(root) == str(root / "step-1")
         zckpt.verify(root / "step-1")
-    with pytest.raises(FileExistsError, match="mirror"):  # refused if the mirror already has it
-        os.rename(tmp_path / "main" / "step-1", tmp_path / "main" / "moved")
-        pool.save({"a": torch.arange(10)}, tmp_path / "main" / "step-1")
+    # A mirror that already has the name is left out (never overwritten); the primary decides.
+    os.rename(tmp_path / "main" / "step-1", tmp_path / "main" / "moved")
+    fut = pool.save({"a": torch.arange(10) + 1}, tmp_path / "main" / "step-1")
+    assert fut.result(timeout=60) and "already exists" in fut.mirror_errors[0]
+    assert torch.equal(zckpt.load(mirror / "step-1")["a"], torch.arange(10))   # untouched
 
 
 def test_retention_keeps_the_newest_and_ignores_uncommitted(make_pool, tmp_path):
@@ -147,3 +149,36 @@ def test_a_mirror_that_cannot_commit_does_not_fail_the_save_and_the_next_commit_
     assert torch.equal(zckpt.load(mirror / "step-2")["w"], torch.arange(10.0) + 2)
     zckpt.verify(mirror / "step-2")
     assert not [n for n in os.listdir(mirror) if ".tmp-" in n]
+
+
+def test_a_mirror_that_cannot_even_be_prepared_leaves_the_primary_save_alone(make_pool, tmp_path):
+    """Found by review: a mirror root under a regular file (or read-only) failed the whole
+    save at save() time. The primary decides: the mirror is left out and named."""
+    import zckpt
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, mirrors=(str(blocker / "mirror"),)))
+    fut = pool.save({"w": torch.arange(5.0)}, tmp_path / "primary" / "s1")
+    assert fut.result(timeout=60) == str(tmp_path / "primary" / "s1")
+    assert len(fut.mirror_errors) == 1 and "not-a-dir" in fut.mirror_errors[0]
+    assert zckpt.latest(tmp_path / "primary") == str(tmp_path / "primary" / "s1")
+
+
+def test_a_damaged_checkpoint_is_never_copied_into_a_mirror(make_pool, tmp_path):
+    """Found by review: repair copied a byte-flipped shard; a missing one also kept the
+    current save out of the mirror. Now the copy is verified, and a failed repair is said
+    without stopping the current save's mirror commit."""
+    import zckpt
+    primary, mirror = tmp_path / "primary", tmp_path / "mirror"
+    pool = make_pool(config=PoolConfig(num_workers=1, fsync=False))
+    pool.save({"w": torch.arange(4096.0)}, primary / "s1").result(timeout=60)
+    shard = next((primary / "s1").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    pool2 = make_pool(config=PoolConfig(num_workers=1, fsync=False, mirrors=(str(mirror),)))
+    fut = pool2.save({"w": torch.arange(4096.0) + 1}, primary / "s2")
+    assert fut.result(timeout=60)
+    assert any("completing it from" in e and "checksum" in e for e in fut.mirror_errors), fut.mirror_errors
+    assert sorted(os.listdir(mirror)) == ["s2"]
+    zckpt.verify(mirror / "s2")

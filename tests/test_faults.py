@@ -390,6 +390,8 @@ def test_on_busy_raise_refuses_at_once(make_pool, tmp_path):
     with pytest.raises(zckpt.PoolBusyError, match="staging buffer"):
         pool.save({"a": torch.zeros(1000)}, tmp_path / "second")
     assert time.monotonic() - t0 < 5
+    st = pool.stats
+    assert (st.saves_refused, st.saves_started) == (1, 1)    # a refused save never started
     (gate / "open").touch()
     assert first.result(timeout=60)
 
@@ -412,3 +414,28 @@ def test_the_staging_arena_never_exceeds_its_budget(make_pool, tmp_path):
         pool.save({"a": torch.ones(256 << 10) * i, "b": torch.ones(256 << 10)}, tmp_path / f"s{i}").result(timeout=60)
     assert 0 < pool.stats.arena_nbytes <= budget
     assert torch.equal(zckpt.load(tmp_path / "s2")["a"], torch.ones(256 << 10) * 2)
+
+
+def test_threads_staging_at_once_never_take_the_arena_past_its_budget(make_pool, tmp_path):
+    """Found by review: the budget was checked, then allocated outside the lock, so two
+    threads could both pass the check (516 MiB held under a 300 MiB budget)."""
+    import threading
+    budget = 24 << 20
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST, staging_buffers=2, staging_budget_bytes=budget))
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def save(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            results.append(pool.save({"a": torch.ones(4 << 20) * i}, tmp_path / f"s{i}").result(timeout=60))
+        except zckpt.StagingBudgetError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and pool.stats.arena_nbytes <= budget
+    assert sum(isinstance(r, zckpt.StagingBudgetError) for r in results) == 1, results

@@ -166,22 +166,28 @@ def test_leftover_temp_dirs_are_swept_on_next_save(make_pool, tmp_path):
 
 
 def test_leftovers_are_judged_by_process_identity_not_pid(tmp_path):
-    """A pid alone lies: the kernel reuses it, and after a reboot it names another process.
-    Temp dirs carry pid, start time and boot id; only a match on all three is alive."""
+    """A pid alone lies: the kernel reuses it, after a reboot it names another process, and
+    on another host sharing the file system it means nothing here. Temp dirs carry pid,
+    start time, machine id and boot id: same boot, by pid and start time; this machine
+    rebooted: dead; another machine: never judged from here (left alone)."""
     from zckpt._proc import process_identity
     root = tmp_path / "root"
     root.mkdir()
-    pid, start, boot = process_identity(os.getppid())        # a live process: the test runner's parent
-    live = root / f"a.tmp-{pid}-{start}-{boot}-0badc0de"
-    reused = root / f"b.tmp-{pid}-{start + 1}-{boot}-0badc0de"     # same pid, another process
-    rebooted = root / f"c.tmp-{pid}-{start}-{'f' * 8 if boot != 'f' * 8 else '0' * 8}-0badc0de"
+    pid, start, host = process_identity(os.getppid())        # a live process: the test runner's parent
+    machine, boot = host[:8], host[8:]
+    other = "f" * 8 if boot != "f" * 8 else "0" * 8
+    live = root / f"a.tmp-{pid}-{start}-{host}-0badc0de"
+    reused = root / f"b.tmp-{pid}-{start + 1}-{host}-0badc0de"     # same pid, another process
+    rebooted = root / f"c.tmp-{pid}-{start}-{machine}{other}-0badc0de"
     condemned = root / "d.del-0badc0de"                            # retention's leftover
-    for d in (live, reused, rebooted, condemned):
+    elsewhere = root / f"e.tmp-1-1-{'9' * 8 if machine != '9' * 8 else '8' * 8}{boot}-0badc0de"
+    huge = root / "f.tmp-99999999999999999999-0badc0de"           # no such pid (os.kill would overflow)
+    for d in (live, reused, rebooted, condemned, elsewhere, huge):
         d.mkdir()
         (d / "x").write_bytes(b"partial")
     swept = sorted(os.path.basename(p) for p in sweep_temp_dirs(str(root)))
-    assert swept == sorted([reused.name, rebooted.name, condemned.name])
-    assert live.exists()
+    assert swept == sorted([reused.name, rebooted.name, condemned.name, huge.name])
+    assert live.exists() and elsewhere.exists()
 
 
 def test_make_dirs_reports_what_it_created_top_down(tmp_path):

@@ -42,7 +42,7 @@ def test_a_stalled_write_fails_naming_file_and_bytes_and_is_replaced(make_pool, 
 
 
 def test_a_slow_write_that_progresses_is_not_a_stall(make_pool, tmp_path):
-    cfg = PoolConfig(**FAST, stall_timeout_s=0.5)
+    cfg = PoolConfig(**FAST, stall_timeout_s=0.5, transient_retries=2)
     pool = make_pool(num_workers=1, config=cfg, writer_factory=TricklingWriter,
                      writer_kwargs={"total_s": 2.0, "tick_s": 0.05})  # 4x the stall limit
     pool.save({"a": torch.ones(4)}, tmp_path / "c").result(timeout=60)

@@ -40,6 +40,8 @@ def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 22:   # PID_MAX_LIMIT is 2**22: larger is no process (os.kill would overflow)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,6 +60,20 @@ def boot_id() -> str:
         return "0" * 8
 
 
+def machine_id() -> str:
+    """This host's id (8 hex digits of /etc/machine-id, else of a hash of the host name)."""
+    try:
+        with open("/etc/machine-id") as f:
+            text = f.read().strip()
+        if len(text) >= 8 and all(c in "0123456789abcdef" for c in text[:8]):
+            return text[:8]
+    except OSError:
+        pass
+    import hashlib
+    import socket
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def start_time(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
     try:
@@ -68,15 +84,26 @@ def start_time(pid: int) -> int | None:
 
 
 def process_identity(pid: int | None = None) -> tuple[int, int, str]:
-    """``(pid, start time, boot id)``: names one process for good, unlike a pid, which the
-    kernel reuses, and which means nothing after a reboot."""
+    """``(pid, start time, host)``, host being machine id + boot id (16 hex digits): names
+    one process for good, unlike a pid, which the kernel reuses, which means nothing after
+    a reboot, and nothing on another host sharing the file system."""
     pid = os.getpid() if pid is None else pid
-    return pid, start_time(pid) or 0, boot_id()
+    return pid, start_time(pid) or 0, machine_id() + boot_id()
 
 
-def identity_alive(pid: int, start: int, boot: str) -> bool:
-    """Whether the process named by :func:`process_identity` still runs."""
-    if boot != boot_id():
+def identity_alive(pid: int, start: int, host: str) -> bool:
+    """Whether the process named by :func:`process_identity` may still run.
+
+    Another machine's process (a shared file system) cannot be judged from here: it
+    counts as alive. This machine after a reboot: dead. Same boot: by pid and start time.
+    (A process in another PID namespace of this host is misjudged: its pid means nothing
+    here. Give containers sharing a checkpoint root their own /etc/machine-id.)
+    """
+    if len(host) == 16:
+        if host[:8] != machine_id():
+            return True
+        host = host[8:]
+    if host != boot_id():
         return False        # rebooted since: nothing from before runs
     if not pid_alive(pid):
         return False

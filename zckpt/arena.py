@@ -85,6 +85,7 @@ class Arena:
         self._name = name
         self._round = round_bytes  # segment sizes are multiples of this
         self._budget = budget      # the most bytes all segments together may hold (None: no limit)
+        self._reserved = 0         # bytes being allocated right now by other threads (under the budget)
         self._sets = [BufferSet(i, []) for i in range(num_sets)]
         # Re-entrant: a signal handler that reads the pool's stats or closes it may run
         # on a thread that is inside acquire()/release() (a plain Lock would deadlock).
@@ -154,21 +155,17 @@ class Arena:
                 regrow = i < len(bufset.segments)
                 nbytes = _round_up(need + (need // 8 if regrow else 0), self._round)
                 if self._budget is not None:
-                    with self._cond:
-                        held = sum(seg.nbytes for s in self._sets for seg in s.segments)
-                    freed = bufset.segments[i].nbytes if regrow else 0
-                    if held - freed + nbytes > self._budget:
-                        nbytes = _round_up(need, self._round)   # without the regrowth's slack
-                    if held - freed + nbytes > self._budget:
-                        from .errors import StagingBudgetError
-                        raise StagingBudgetError(
-                            f"staging needs a segment of {nbytes / 2**20:.1f} MiB, which would take the arena to "
-                            f"{(held - freed + nbytes) / 2**20:.1f} MiB, over staging_budget_bytes "
-                            f"({self._budget / 2**20:.1f} MiB, all {len(self._sets)} buffer set(s) together)")
-                t0 = time.perf_counter()
-                seg = Segment(key, nbytes)
-                logger.info("arena %s: allocated segment %s of %.1f MiB in %.3fs",
-                            self._name, key, nbytes / 2**20, time.perf_counter() - t0)
+                    nbytes = self._reserve(nbytes, _round_up(need, self._round))
+                try:
+                    t0 = time.perf_counter()
+                    seg = Segment(key, nbytes)
+                    logger.info("arena %s: allocated segment %s of %.1f MiB in %.3fs",
+                                self._name, key, nbytes / 2**20, time.perf_counter() - t0)
+                except BaseException:
+                    if self._budget is not None:
+                        with self._cond:
+                            self._reserved -= nbytes
+                    raise
                 with self._cond:
                     if i < len(bufset.segments):
                         bufset.segments[i].close()
@@ -176,10 +173,35 @@ class Arena:
                     else:
                         bufset.segments.append(seg)
                     self.allocations += 1
+                    if self._budget is not None:
+                        self._reserved -= nbytes   # counted as held from here
             if pin and not seg.pinned:
                 from ._cuda import register_host
                 register_host(seg.tensor)
                 seg.pinned = True
+
+    def _reserve(self, nbytes: int, least: int) -> int:
+        """Under the budget, reserve ``nbytes`` (or at least ``least``) for a new segment and
+        return what was reserved; raise StagingBudgetError if even ``least`` does not fit.
+
+        Counted against the budget: every segment held (one being replaced too: it stays
+        mapped until the new one is in place, and in the workers until their next job),
+        and what other threads have reserved and are allocating right now."""
+        with self._cond:
+            held = sum(seg.nbytes for s in self._sets for seg in s.segments) + self._reserved
+            assert self._budget is not None
+            if held + nbytes > self._budget:
+                nbytes = least                          # without the regrowth's slack
+            if held + nbytes > self._budget:
+                from .errors import StagingBudgetError
+                raise StagingBudgetError(
+                    f"staging needs a segment of {nbytes / 2**20:.1f} MiB, which would take the arena to "
+                    f"{(held + nbytes) / 2**20:.1f} MiB, over staging_budget_bytes ({self._budget / 2**20:.1f} "
+                    f"MiB, all {len(self._sets)} buffer set(s) together, segments in {self._round >> 10} KiB "
+                    "steps; a segment being replaced counts until the new one is in place: reserve() with your "
+                    "largest state dict first avoids regrowing)")
+            self._reserved += nbytes
+            return nbytes
 
     def segments_by_index(self) -> list[list[Segment]]:
         """``[i]``: segment ``i`` of every buffer set (the ones shard ``i`` stages into)."""

@@ -26,10 +26,14 @@ save's operations against it):
    directory the save created were fsynced before the rename (:func:`fsync_created`),
    so a checkpoint whose save returned survives along with the path to it. If that last
    fsync fails, the rename is taken back and the save fails: the caller and ``latest()``
-   agree, now and after a crash.
+   agree now. After a power loss the rename may still have reached the disk (the undo is
+   no more durable than the failed fsync): then a complete, verifiable checkpoint the
+   caller was told failed appears. It is never a damaged one.
 4. Retention renames a condemned checkpoint to ``*.del-*`` and fsyncs the parent before
    deleting anything, so a checkpoint is whole or gone; :func:`sweep_temp_dirs` removes
-   condemned and abandoned temp directories (judged by pid, start time and boot id).
+   condemned and abandoned temp directories (judged by pid, start time, machine and boot
+   id; another machine's are never judged from here). A retention failure is logged and
+   retried by the next commit: it never fails a save that committed.
 5. A mirror is committed after the primary by the same steps; one the primary has but a
    mirror lacks is copied by the next commit (:func:`repair_mirror`).
 6. Every fsync is tried once (:mod:`zckpt._sync`): after a failure the page cache may
@@ -57,6 +61,7 @@ from .errors import CorruptCheckpointError
 from .manifest import (
     MANIFEST_NAME,
     Manifest,
+    checksum_hex,
     peek_commit_record,
     read_manifest,
     read_manifest_body,
@@ -69,10 +74,11 @@ __all__ = ["temp_dir_for", "is_temp_dir", "make_dirs", "fsync_created", "fsync_d
 
 logger = logging.getLogger(__name__)
 
-# <path>.tmp-<pid>-<start time>-<boot id>-<random>: the trainer that owns a save in
-# progress, named so that a reused pid or a reboot never makes a crashed trainer's leftover
-# look alive (the older <path>.tmp-<pid>-<random> is still recognised, by pid alone).
-_TMP_RE = re.compile(r"\.tmp-(\d+)-(?:(\d+)-([0-9a-f]{8})-)?[0-9a-f]{8}$")
+# <path>.tmp-<pid>-<start time>-<machine id><boot id>-<random>: the trainer that owns a
+# save in progress, named so that a reused pid or a reboot never makes a crashed trainer's
+# leftover look alive, and another host's save in progress is never swept from here (the
+# older <path>.tmp-<pid>-<random> is still recognised, by pid alone).
+_TMP_RE = re.compile(r"\.tmp-(\d+)-(?:(\d+)-([0-9a-f]{16}|[0-9a-f]{8})-)?[0-9a-f]{8}$")
 # <path>.del-<random>: a checkpoint retention has condemned (renamed, then deleted).
 _DEL_RE = re.compile(r"\.del-[0-9a-f]{8}$")
 # <path>.dtmp-<run nonce>-<save sequence>: a multi-rank save in progress (zckpt.distributed).
@@ -188,10 +194,13 @@ def repair_mirror(primary_root: str, mirror_root: str, *, fsync: bool, skip: str
         tmp = temp_dir_for(dst)
         os.mkdir(tmp)
         try:
+            checks = body.get("checksum") != "none"
             for f in body.get("files", []):
                 name = f["name"]
                 os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+                if checks:   # copy nothing that does not verify: a damaged source stays unmirrored
+                    _verify_copy(os.path.join(tmp, name), f, src)
                 if fsync:
                     fd = os.open(os.path.join(tmp, name), os.O_RDONLY | os.O_CLOEXEC)
                     try:
@@ -205,6 +214,16 @@ def repair_mirror(primary_root: str, mirror_root: str, *, fsync: bool, skip: str
         logger.warning("mirror %s lacked %s: copied it from %s", mirror_root, os.path.basename(src), primary_root)
         copied.append(dst)
     return copied
+
+
+def _verify_copy(path: str, record: dict[str, Any], src: str) -> None:
+    """Check a copied shard file against its manifest record's chunk checksums."""
+    with open(path, "rb") as fh:
+        for (off, n), want in zip(record.get("chunks", []), record.get("checksums", []), strict=False):
+            fh.seek(off)
+            if checksum_hex(fh.read(n)) != want:
+                raise CorruptCheckpointError(f"{os.path.join(src, record['name'])}: bytes [{off}, {off + n}) do not "
+                                             "match the manifest's checksum; not copied to the mirror")
 
 
 def discard(path: str) -> None:

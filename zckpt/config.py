@@ -142,6 +142,11 @@ class PoolConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"PoolConfig.{name} must be a positive number of seconds, got {value!r}")
             setattr(self, name, float(value))
+        backoff = sum(min(5.0, 0.1 * 2 ** k) for k in range(self.transient_retries))
+        if backoff >= self.stall_timeout_s:
+            raise ValueError(f"PoolConfig.transient_retries={self.transient_retries} backs off {backoff:g}s in all, "
+                             f"not below stall_timeout_s={self.stall_timeout_s:g}: a worker waiting to retry would "
+                             "be taken for hung")
         if self.split not in SPLIT_STRATEGIES:
             raise ValueError(f"PoolConfig.split must be one of {SPLIT_STRATEGIES}, got {self.split!r}")
         if self.checksum not in ("xxh3_64", "none"):

@@ -80,6 +80,7 @@ class PoolStats:
     worker_restarts: int
     dropped_frames: int = 0   # frames from peers that did not prove the pool's secret
     saves_skipped: int = 0    # dropped by on_busy="skip" (not counted as started)
+    saves_refused: int = 0    # refused by on_busy="raise" (not counted as started)
 
 
 class CheckpointPool:
@@ -133,7 +134,7 @@ class CheckpointPool:
         # The last plan: (structure key, plan, encoded skeleton); see _plan.
         self._plan_cache: tuple[tuple[Any, ...], SavePlan, dict[str, Any]] | None = None
         self._records_cache: tuple[SavePlan, list[StorageRecord], list[TensorRecord]] | None = None
-        self._counts = {"started": 0, "committed": 0, "failed": 0, "skipped": 0}
+        self._counts = {"started": 0, "committed": 0, "failed": 0, "skipped": 0, "refused": 0}
         self._swept: set[str] = set()
         try:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
@@ -166,7 +167,8 @@ class CheckpointPool:
         with self._lock:
             c = dict(self._counts)
         return PoolStats(self._arena.nbytes, self._arena.allocations, c["started"], c["committed"],
-                         c["failed"], self._supervisor.restarts, self._supervisor.dropped_frames, c["skipped"])
+                         c["failed"], self._supervisor.restarts, self._supervisor.dropped_frames, c["skipped"],
+                         c["refused"])
 
     def save(self, state_dict: Mapping[str, Any], path: PathLike, *,
              metadata: Mapping[str, Any] | None = None, **writer_kwargs: Any) -> SaveFuture:
@@ -216,9 +218,9 @@ class CheckpointPool:
             raise TypeError(f"state_dict must be a mapping (dict), got {type(state_dict).__name__}")
         final = os.path.abspath(os.fspath(path))
         finals = [final] + [os.path.join(m, os.path.basename(final)) for m in self.config.mirrors]
-        for f in finals:
-            if os.path.lexists(f):
-                raise FileExistsError(f"{_what_is_at(f)} already exists at {f!r}; zckpt never overwrites anything")
+        if os.path.lexists(final):   # a mirror in the way only leaves that mirror out (see _make_temp_dirs)
+            raise FileExistsError(f"{_what_is_at(final)} already exists at {final!r}; zckpt never overwrites "
+                                  "anything")
         busy = self._wait_until_not_busy()
         if busy is not None:   # on_busy is "skip" (raise raised already)
             return self._skipped(finals[0], busy)
@@ -264,7 +266,8 @@ class CheckpointPool:
         bufset = self._acquire(plan)
         t_acquired = time.perf_counter()
         try:
-            save.tmp_dirs = self._make_temp_dirs(save.finals, save.created_dirs)
+            save.tmp_dirs, save.finals = self._make_temp_dirs(save.finals, save.created_dirs,
+                                                              save.future.mirror_errors)
         except BaseException:
             self._arena.release(bufset)
             raise
@@ -403,6 +406,8 @@ class CheckpointPool:
             return None
         policy = self.config.on_busy
         if policy == "raise":
+            with self._lock:
+                self._counts["refused"] += 1
             raise PoolBusyError(f"save refused (on_busy='raise'): {why}")
         if policy == "skip":
             return why
@@ -430,24 +435,42 @@ class CheckpointPool:
         logger.warning("save of %s skipped (on_busy='skip'): %s", path, why)
         return fut
 
-    def _make_temp_dirs(self, finals: list[str], created: list[str]) -> list[str]:
-        """Make each final's parent (appending what was created to ``created``) and a temp dir."""
+    def _make_temp_dirs(self, finals: list[str], created: list[str], mirror_errors: list[str]
+                        ) -> tuple[list[str], list[str]]:
+        """Make each final's parent (appending what was created to ``created``) and a temp dir.
+
+        Returns the temp dirs and the finals they are for. The primary (``finals[0]``) must
+        succeed (else this raises); a mirror that cannot be prepared is left out of this
+        save and named in ``mirror_errors`` (the primary decides; see PoolConfig.mirrors).
+        """
         tmp_dirs: list[str] = []
+        kept: list[str] = []
         try:
-            for f in finals:
-                parent = os.path.dirname(f)
-                created += C.make_dirs(parent)
-                if parent not in self._swept:
-                    self._swept.add(parent)
-                    C.sweep_temp_dirs(parent)
-                tmp = C.temp_dir_for(f)
-                os.mkdir(tmp, 0o755)
+            for i, f in enumerate(finals):
+                try:
+                    if i and os.path.lexists(f):
+                        raise FileExistsError(f"{_what_is_at(f)} already exists at {f!r}")
+                    parent = os.path.dirname(f)
+                    made = C.make_dirs(parent)
+                    created += made
+                    if parent not in self._swept:
+                        self._swept.add(parent)
+                        C.sweep_temp_dirs(parent)
+                    tmp = C.temp_dir_for(f)
+                    os.mkdir(tmp, 0o755)
+                except OSError as exc:
+                    if i == 0:
+                        raise
+                    mirror_errors.append(f"{f}: {type(exc).__name__}: {exc}")
+                    logger.error("mirror %s left out of this save: %s", f, exc)
+                    continue
                 tmp_dirs.append(tmp)
+                kept.append(f)
         except BaseException:
             for tmp in tmp_dirs:
                 C.discard(tmp)
             raise
-        return tmp_dirs
+        return tmp_dirs, kept
 
     def _register(self, finals: list[str], t0: float) -> Save:
         """A new save, registered from birth (so close() and the commit order know it)."""
@@ -465,9 +488,10 @@ class CheckpointPool:
         save.jobs.clear()
         with self._lock:
             self._saves.pop(save.id, None)
-            if isinstance(save.error, SaveSkippedError):
+            if isinstance(save.error, (SaveSkippedError, PoolBusyError)):
+                # Lost the race for the last buffer to another thread after the early check.
                 self._counts["started"] -= 1
-                self._counts["skipped"] += 1
+                self._counts["skipped" if isinstance(save.error, SaveSkippedError) else "refused"] += 1
             else:
                 self._counts["committed" if save.state is SaveState.COMMITTED else "failed"] += 1
         self._leave_commit_order(save)
@@ -652,7 +676,7 @@ class CheckpointPool:
             return
         if result is not None and result.mirror_errors:
             # The primary is committed: the save is. The next commit completes the mirror.
-            save.future.mirror_errors = list(result.mirror_errors)
+            save.future.mirror_errors += list(result.mirror_errors)
             logger.error("save %d committed at %s, but not under every mirror: %s", save.id, save.path,
                          "; ".join(result.mirror_errors))
         save.transition(SaveState.COMMITTED)

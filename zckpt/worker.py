@@ -44,7 +44,7 @@ import zmq
 
 from . import protocol as P
 from ._proc import set_parent_death_signal
-from .errors import pack_exception
+from .errors import ZckptError, pack_exception
 from .writers import default_writer_factory, map_segment
 
 # Not __name__: run with -m, this module is "__main__", outside the "zckpt" hierarchy
@@ -284,6 +284,10 @@ class Worker:
             try:
                 repair_mirror(primary_root, os.path.dirname(final), fsync=job.fsync,
                               skip=os.path.basename(final))
+            except (OSError, ValueError, ZckptError) as exc:   # the earlier one stays missing there: said, not fatal
+                errors.append(f"{os.path.dirname(final)}: completing it from {primary_root} failed: "
+                              f"{type(exc).__name__}: {exc}")
+            try:
                 commit_dir(tmp, final, job.manifest, fsync=job.fsync)
                 committed.append(final)
             except OSError as exc:
@@ -291,7 +295,10 @@ class Worker:
                 discard(tmp)
         if job.keep_last is not None:
             for final in committed:
-                apply_retention(os.path.dirname(final), job.keep_last, protect=final)
+                try:
+                    apply_retention(os.path.dirname(final), job.keep_last, protect=final)
+                except OSError as exc:   # housekeeping: the save is committed; the next one tries again
+                    logger.warning("retention under %s failed: %s", os.path.dirname(final), exc)
         return P.JobResult(job.job_id, [], errors)
 
     def _map_segments(self, job: P.MapSegments) -> P.JobResult:

@@ -65,6 +65,7 @@ class CheckpointWriter:
         name = f"checkpoint_{self._rank_info.global_rank}.pt"
         directory = os.path.abspath(path)
         created = make_dirs(directory)
+        _sweep_staging(directory, name)
         staging = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.mkdir(staging)
         try:
@@ -92,3 +93,20 @@ class CheckpointWriter:
 
     def close(self) -> None:
         """Release resources (nothing to release here)."""
+
+
+def _sweep_staging(directory: str, name: str) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` staging dirs of writers that no longer run (a crash
+    mid-write left them; the previous checkpoint file itself is intact)."""
+    from .._proc import pid_alive
+    prefix = f".{name}.tmp-"
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
