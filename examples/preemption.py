@@ -1,7 +1,10 @@
 """Preemption: on SIGTERM, finish or abandon the save in flight, commit an emergency checkpoint, exit.
 
-    python examples/preemption.py --root /tmp/preempt --size-mb 256 &
-    kill -TERM -$!          # what SLURM or Kubernetes does: SIGTERM to the process group
+    setsid python examples/preemption.py --root "$(mktemp -d)" --size-mb 256 &
+    sleep 5; kill -TERM -- -$!    # what SLURM or Kubernetes does: SIGTERM to the process group
+
+(``setsid`` gives the job a process group of its own, as a scheduler's job step has; a
+script without job control would otherwise signal its own group.)
 
 Schedulers send SIGTERM and wait a grace period (SLURM's KillWait, Kubernetes'
 terminationGracePeriodSeconds, 30 s by default) before SIGKILL. The recipe:

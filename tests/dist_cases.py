@@ -251,6 +251,7 @@ def mismatch(rank: int, world: int, root: str) -> dict[str, Any]:
     sd = sharded_state(mesh, [Shard(0)], step=1)
     if rank == 1:
         sd["only_on_rank_1"] = torch.ones(3)
+        sd["value_only_on_rank_1"] = 5          # a value's key is structure too (its value is not)
     with zd.DistributedCheckpointer(zckpt.PoolConfig(**FAST), commit_timeout_s=60) as ck:
         try:
             ck.save(sd, f"{root}/step-1").result(timeout=90)

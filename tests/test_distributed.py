@@ -134,6 +134,7 @@ def test_ranks_that_disagree_on_the_structure_fail_naming_the_key(tmp_path):
     res = run_ranks(2, mismatch, str(tmp_path))
     for r in (0, 1):
         assert res[r]["failed"] is not None and "only_on_rank_1" in res[r]["failed"], res[r]
+        assert "value_only_on_rank_1" in res[r]["failed"], res[r]
         assert not res[r]["exists"]
 
 

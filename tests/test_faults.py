@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -439,3 +440,25 @@ def test_threads_staging_at_once_never_take_the_arena_past_its_budget(make_pool,
         t.join(timeout=60)
     assert len(results) == 2 and pool.stats.arena_nbytes <= budget
     assert sum(isinstance(r, zckpt.StagingBudgetError) for r in results) == 1, results
+
+
+def test_a_budget_for_one_copy_with_two_buffer_sets_waits_instead_of_failing(make_pool, tmp_path):
+    """Found by a new user: with staging_buffers=2 and a budget that holds one copy, a save
+    overlapping the previous one failed with StagingBudgetError although its state fit. It
+    now waits (on_busy="wait") for the set that fits instead of growing the other one."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    state_bytes = 8 << 20
+    pool = make_pool(num_workers=1, config=PoolConfig(**FAST, staging_buffers=2, staging_budget_bytes=12 << 20),
+                     writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)})
+    first = pool.save({"a": torch.ones(state_bytes // 4)}, tmp_path / "s0")
+    wait_until(lambda: started(gate) == 1, 30, "the first save to start writing")
+    opener = threading.Timer(0.5, (gate / "open").touch)   # the first write finishes meanwhile
+    opener.start()
+    try:
+        second = pool.save({"a": torch.ones(state_bytes // 4) * 2}, tmp_path / "s1")   # waits for set 0
+    finally:
+        opener.join()
+    assert first.result(timeout=60) and second.result(timeout=60)
+    assert pool.stats.arena_nbytes <= 12 << 20 and pool.stats.saves_failed == 0
+    assert torch.equal(zckpt.load(tmp_path / "s1")["a"], torch.ones(state_bytes // 4) * 2)

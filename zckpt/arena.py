@@ -122,7 +122,13 @@ class Arena:
                 free = [s for s in self._sets if not s.busy]
                 if free:
                     # Prefer a set that already fits: no allocation on the hot path.
-                    bufset = next((s for s in free if self._fits(s, sizes)), free[0])
+                    bufset = next((s for s in free if self._fits(s, sizes)), None)
+                    if bufset is None and self._budget is not None and not self._growth_fits(free[0], sizes) \
+                            and any(self._fits(s, sizes) for s in self._sets if s.busy):
+                        free = []    # growing this one would break the budget; a busy one fits: wait for it
+                    else:
+                        bufset = bufset or free[0]
+                if free and bufset is not None:
                     bufset.busy = True
                     break
                 left = deadline - time.monotonic()
@@ -142,6 +148,14 @@ class Arena:
         return len(bufset.segments) >= len(sizes) and all(
             seg.nbytes >= n for seg, n in zip(bufset.segments, sizes, strict=False))
 
+    def _growth_fits(self, bufset: BufferSet, sizes: list[int]) -> bool:
+        """Whether making ``bufset`` fit ``sizes`` stays within the budget (call with the lock held)."""
+        assert self._budget is not None
+        held = sum(seg.nbytes for s in self._sets for seg in s.segments) + self._reserved
+        extra = sum(_round_up(n, self._round) for i, n in enumerate(sizes)
+                    if i >= len(bufset.segments) or bufset.segments[i].nbytes < n)
+        return held + extra <= self._budget
+
     def _grow(self, bufset: BufferSet, sizes: list[int], pin: bool) -> None:
         for i, need in enumerate(sizes):
             if i < len(bufset.segments) and bufset.segments[i].nbytes >= need:
@@ -155,7 +169,8 @@ class Arena:
                 regrow = i < len(bufset.segments)
                 nbytes = _round_up(need + (need // 8 if regrow else 0), self._round)
                 if self._budget is not None:
-                    nbytes = self._reserve(nbytes, _round_up(need, self._round))
+                    nbytes = self._reserve(nbytes, _round_up(need, self._round),
+                                           sum(_round_up(n, self._round) for n in sizes))
                 try:
                     t0 = time.perf_counter()
                     seg = Segment(key, nbytes)
@@ -180,7 +195,7 @@ class Arena:
                 register_host(seg.tensor)
                 seg.pinned = True
 
-    def _reserve(self, nbytes: int, least: int) -> int:
+    def _reserve(self, nbytes: int, least: int, whole: int) -> int:
         """Under the budget, reserve ``nbytes`` (or at least ``least``) for a new segment and
         return what was reserved; raise StagingBudgetError if even ``least`` does not fit.
 
@@ -195,7 +210,9 @@ class Arena:
             if held + nbytes > self._budget:
                 from .errors import StagingBudgetError
                 raise StagingBudgetError(
-                    f"staging needs a segment of {nbytes / 2**20:.1f} MiB, which would take the arena to "
+                    f"this save stages {whole / 2**20:.1f} MiB ({len(self._sets)} buffer set(s) of it need up to "
+                    f"{len(self._sets) * whole / 2**20:.1f} MiB): its next segment of {nbytes / 2**20:.1f} MiB "
+                    "would take the arena to "
                     f"{(held + nbytes) / 2**20:.1f} MiB, over staging_budget_bytes ({self._budget / 2**20:.1f} "
                     f"MiB, all {len(self._sets)} buffer set(s) together, segments in {self._round >> 10} KiB "
                     "steps; a segment being replaced counts until the new one is in place: reserve() with your "

@@ -383,7 +383,8 @@ class CheckpointPool:
         except TimeoutError:
             if waits:
                 raise
-            why = "every staging buffer is held by earlier saves still being written"
+            why = ("every staging buffer is held by earlier saves still being written (more staging_buffers, "
+                   "on_busy='wait', or fewer saves would let it through)")
             if self.config.on_busy == "raise":
                 raise PoolBusyError(f"save refused (on_busy='raise'): {why}") from None
             raise SaveSkippedError(f"save skipped (on_busy='skip'): {why}") from None
@@ -396,7 +397,8 @@ class CheckpointPool:
         if limit is not None and pending >= limit:
             return f"{pending} saves are in flight (max_pending={limit})"
         if not self._arena.has_free():
-            return "every staging buffer is held by earlier saves still being written"
+            return ("every staging buffer is held by earlier saves still being written (more staging_buffers, "
+                    "on_busy='wait', or fewer saves would let it through)")
         return None
 
     def _wait_until_not_busy(self) -> str | None:

@@ -148,6 +148,7 @@ def plan_rank(state_dict: Any, ranks: Sequence[int]) -> RankPlan:
     """
     dtensor = _dtensor_type()
     leaves: list[Leaf] = []
+    values: list[KeyPath] = []    # where non-tensor values are: part of the structure ranks must agree on
     memo: dict[int, Any] = {}
     group = tuple(sorted(int(r) for r in ranks))
 
@@ -182,7 +183,8 @@ def plan_rank(state_dict: Any, ranks: Sequence[int]) -> RankPlan:
             items = [proxy(v, path + (i,)) for i, v in enumerate(node)]
             out = type(node)(*items) if hasattr(type(node), "_fields") else type(node)(items)
         else:
-            return node                 # a value: pickled as it is (by the coordinator)
+            values.append(path)         # a value: pickled as it is (by the coordinator)
+            return node
         memo[id(node)] = out
         return out
 
@@ -214,7 +216,10 @@ def plan_rank(state_dict: Any, ranks: Sequence[int]) -> RankPlan:
                 f"{' ' + leaf.placements if leaf.placements else ''}"
                 f"{f' shares #{group_of[leaf.index]}' if group_of[leaf.index] != leaf.index else ''}"
                 for leaf in leaves]
-    token = json.dumps([[encode_path(leaf.path), d] for leaf, d in zip(leaves, describe, strict=True)],
-                       default=repr, separators=(",", ":"))
+    # Values' key paths count (a key only one rank has is a different structure); their
+    # values do not (they may differ per rank; the coordinator's are written).
+    describe += [f"{display_path(p)}: value" for p in values]
+    token = json.dumps([[encode_path(leaf.path), d] for leaf, d in zip(leaves, describe, strict=False)]
+                       + [encode_path(p) for p in values], default=repr, separators=(",", ":"))
     written = [(nbytes, owner) for (nbytes, _), owner in zip(flat, flat_owners, strict=True)]
     return RankPlan(leaves, owners, piece_owners, written, proxied, xxhash.xxh3_64_hexdigest(token.encode()), describe)
