@@ -462,3 +462,25 @@ def test_a_budget_for_one_copy_with_two_buffer_sets_waits_instead_of_failing(mak
     assert first.result(timeout=60) and second.result(timeout=60)
     assert pool.stats.arena_nbytes <= 12 << 20 and pool.stats.saves_failed == 0
     assert torch.equal(zckpt.load(tmp_path / "s1")["a"], torch.ones(state_bytes // 4) * 2)
+
+
+def test_a_state_dict_larger_than_the_budget_is_saved_in_rounds(make_pool, tmp_path):
+    """over_budget="rounds": stage a part, write it, stage the next; one commit; the arena
+    never exceeds the budget; the checkpoint is whole and loads bit-exactly."""
+    budget = 8 << 20
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST, staging_budget_bytes=budget, over_budget="rounds"))
+    g = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": torch.randn(1 << 20, generator=g) for i in range(6)}      # 24 MiB of fp32 in 6 tensors
+    sd["big"] = torch.randn(5 << 20, generator=g)                              # 20 MiB: cut across rounds
+    sd["step"] = 7
+    fut = pool.save(sd, tmp_path / "c")
+    assert fut.staged.done()
+    assert fut.result(timeout=120) == str(tmp_path / "c")
+    assert fut.timings["rounds"] >= 6
+    assert pool.stats.arena_nbytes <= budget
+    back = zckpt.load(tmp_path / "c")
+    assert back["step"] == 7 and all(torch.equal(back[k], v) for k, v in sd.items() if k != "step")
+    zckpt.verify(tmp_path / "c")
+    refuse = make_pool(num_workers=1, config=PoolConfig(**FAST, staging_budget_bytes=budget))
+    with pytest.raises(zckpt.StagingBudgetError):
+        refuse.save(sd, tmp_path / "d")

@@ -69,7 +69,12 @@ class PoolConfig:
             failed); None: as many as there are staging buffers.
         staging_budget_bytes: The most shared memory the staging arena may hold, all
             buffer sets together (None: no limit). A save that would need more is
-            refused at once with :class:`zckpt.StagingBudgetError` naming both sizes.
+            refused at once with :class:`zckpt.StagingBudgetError` naming both sizes, or
+            saved in rounds (``over_budget``).
+        over_budget: ``"refuse"`` a save larger than one buffer set's share of
+            ``staging_budget_bytes``, or save it in ``"rounds"``: stage a part, have the
+            workers write it, stage the next; ``save()`` blocks until the last part is
+            staged, and one commit covers all parts.
         transient_retries: How many times a worker calls its writer again, with
             exponential backoff (0.1 s doubling, at most 5 s between tries), after the
             writer raised :class:`zckpt.TransientWriteError`.
@@ -113,6 +118,7 @@ class PoolConfig:
     on_busy: str = "wait"
     max_pending: int | None = None
     staging_budget_bytes: int | None = None
+    over_budget: str = "refuse"
     staging_buffers: int = 1
     async_staging: bool = False
     write_chunk_bytes: int = 64 * _MiB
@@ -129,6 +135,8 @@ class PoolConfig:
         _check_int(self, "staging_buffers", 1, 8)
         _check_int(self, "shard_retries", 0, 10)
         _check_int(self, "transient_retries", 0, 20)
+        if self.over_budget not in ("refuse", "rounds"):
+            raise ValueError(f"PoolConfig.over_budget must be 'refuse' or 'rounds', got {self.over_budget!r}")
         if self.on_busy not in ("wait", "skip", "raise"):
             raise ValueError(f"PoolConfig.on_busy must be 'wait', 'skip' or 'raise', got {self.on_busy!r}")
         for name in ("max_pending", "staging_budget_bytes"):

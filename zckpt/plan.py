@@ -154,14 +154,14 @@ def collect_storages(collector: Collector) -> tuple[list[StorageInfo], list[Tens
     return storages, infos
 
 
-def _cut(st: StorageInfo, max_piece: int) -> list[Piece]:
+def _cut(st: StorageInfo, max_piece: int, min_split: int = _MIN_SPLIT_BYTES) -> list[Piece]:
     itemsize = st.dtype.itemsize
     code = safetensors_code(st.dtype)
     if code is None:  # dtype unknown to safetensors: raw bytes, real dtype in manifest
         code, unit = "U8", 1
     else:
         unit = itemsize
-    if st.nbytes <= max(max_piece, _MIN_SPLIT_BYTES):
+    if st.nbytes <= max(max_piece, min_split):
         shape = st.entry_shape if unit == itemsize else [st.nbytes]
         return [Piece(st.sid, 0, st.nbytes, st.name, code, shape, itemsize)]
     count = math.ceil(st.nbytes / max_piece)
@@ -183,8 +183,11 @@ def _unique(name: str, sid: int, used: set[str]) -> str:
 
 
 def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_workers: int,
-              strategy: str = "balanced", split_large: bool = True) -> SavePlan:
-    """Assign storages (or byte ranges of them) to at most ``num_workers`` shard files."""
+              strategy: str = "balanced", split_large: bool = True, min_split: int = _MIN_SPLIT_BYTES) -> SavePlan:
+    """Assign storages (or byte ranges of them) to at most ``num_workers`` shard files.
+
+    A storage over a fair share is cut into byte ranges when it is also over ``min_split``
+    (16 MiB: fewer entries; a save in rounds passes a page, to fit a staging budget)."""
     nonempty = [s for s in storages if s.nbytes > 0]
     used: set[str] = {"__metadata__"}  # safetensors' own key: a tensor named so would replace it
     total = sum(s.nbytes for s in nonempty)
@@ -192,7 +195,7 @@ def plan_save(storages: list[StorageInfo], tensors: list[TensorInfo], num_worker
     max_piece = max(fair, _SPLIT_ALIGN) if split_large and num_workers > 1 else max(total, 1)
     pieces: list[Piece] = []
     for st in nonempty:
-        st.pieces = _cut(st, max_piece)
+        st.pieces = _cut(st, max_piece, min_split)
         for p in st.pieces:
             p.name = _unique(p.name, st.sid, used)
         pieces.extend(st.pieces)

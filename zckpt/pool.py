@@ -50,7 +50,7 @@ from . import protocol as P
 from .arena import BufferSet
 from .config import PoolConfig
 from .engine import KILL_TEARDOWN_S, Engine, PoolState, wait_all
-from .errors import PoolBusyError, PoolClosedError, SaveSkippedError, ZckptError
+from .errors import PoolBusyError, PoolClosedError, SaveSkippedError, StagingBudgetError, ZckptError
 from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton, json_metadata
 from .plan import SavePlan, collect_storages, plan_records, plan_save
 from .save import FINAL, Save, SaveFuture, SaveState
@@ -225,6 +225,7 @@ class CheckpointPool:
         if busy is not None:   # on_busy is "skip" (raise raised already)
             return self._skipped(finals[0], busy)
         save = self._register(finals, t0)
+        save.writer_kwargs = writer_kwargs
         fut = save.future
         if self.config.async_staging:
             fut.timings["blocked_s"] = time.perf_counter() - t0
@@ -262,6 +263,10 @@ class CheckpointPool:
         fut, t0 = save.future, save.t0
         save.metadata = json_metadata(metadata)
         plan, save.tree, sources = self._plan(state_dict)
+        rounds = self._rounds(plan)
+        if rounds is not None:
+            sources.clear()
+            return self._stage_in_rounds(state_dict, save, rounds)
         t_plan = time.perf_counter()
         bufset = self._acquire(plan)
         t_acquired = time.perf_counter()
@@ -286,7 +291,89 @@ class CheckpointPool:
             sources.clear()  # nothing of the caller's is referenced once staged
         save.plan, save.bufset = plan, bufset
         save.pending = set(range(len(plan.shards)))
+        save.task_indices = list(range(len(plan.shards)))
         return tasks
+
+    # --- saving in rounds (over_budget="rounds") --------------------------------------------
+    def _rounds(self, plan: SavePlan) -> int | None:
+        """How many rounds a save of ``plan`` needs under the budget, or None for one."""
+        budget = self.config.staging_budget_bytes
+        if budget is None or self.config.over_budget != "rounds":
+            return None
+        per_set = budget // self.config.staging_buffers
+        need = sum(_seg(s.nbytes) for s in plan.shards)
+        return None if need <= per_set else -(-need // per_set)
+
+    def _plan_rounds(self, state_dict: Mapping[str, Any], rounds: int
+                     ) -> tuple[SavePlan, list[torch.UntypedStorage], list[list[int]]]:
+        """A plan of ``rounds`` x workers shards, grouped into rounds that each fit one
+        buffer set's share of the budget (more rounds until they do)."""
+        assert self.config.staging_budget_bytes is not None
+        per_set = self.config.staging_budget_bytes // self.config.staging_buffers
+        workers = self.config.num_workers
+        with gc_paused():
+            collector = Collector()
+            collector.walk(state_dict)
+            dump_skeleton(state_dict, collector)   # registers tensors held inside objects too
+            storages, infos = collect_storages(collector)
+            sources = [st for st, _ in collector.storages]
+            collector.release()
+        for r in range(rounds, rounds * 4 + 8):
+            plan = plan_save(storages, infos, r * workers, self.config.split, True, min_split=4096)
+            groups = [list(range(i, min(i + workers, len(plan.shards)))) for i in range(0, len(plan.shards), workers)]
+            if all(sum(_seg(plan.shards[i].nbytes) for i in g) <= per_set for g in groups):
+                return plan, sources, groups
+        biggest = max(_seg(s.nbytes) for s in plan.shards)
+        raise StagingBudgetError(f"cannot save in rounds under staging_budget_bytes: a single piece needs "
+                                 f"{biggest / 2**20:.1f} MiB of staging, over the {per_set / 2**20:.1f} MiB one "
+                                 "buffer set may hold (raise the budget)")
+
+    def _stage_in_rounds(self, state_dict: Mapping[str, Any], save: Save, rounds: int) -> list[P.FileTask]:
+        """Stage and write every round but the last here (the caller stays blocked), then
+        stage the last one and return its tasks: the save goes on as a one-round save."""
+        plan, sources, groups = self._plan_rounds(state_dict, rounds)
+        save.plan = plan
+        save.tmp_dirs, save.finals = self._make_temp_dirs(save.finals, save.created_dirs, save.future.mirror_errors)
+        deadline = time.monotonic() + self.config.save_timeout_s
+        try:
+            for n, group in enumerate(groups):
+                shards = [plan.shards[i] for i in group]
+                bufset = self._arena.acquire([s.nbytes for s in shards], self.config.buffer_wait_timeout_s,
+                                             pin=plan.needs_pinning)
+                try:
+                    tasks = stage_files(plan, bufset, sources, shards=shards)
+                except BaseException:
+                    self._arena.release(bufset)
+                    raise
+                if n == len(groups) - 1:   # the last round: written and committed as a one-round save
+                    save.bufset, save.pending, save.task_indices = bufset, set(group), list(group)
+                    save.future.timings["rounds"] = float(len(groups))
+                    return tasks
+                self._write_round(save, group, tasks, bufset, deadline)
+        finally:
+            sources.clear()
+        raise AssertionError("unreachable")
+
+    def _write_round(self, save: Save, group: list[int], tasks: list[P.FileTask], bufset: BufferSet,
+                     deadline: float) -> None:
+        """Have the workers write one round's shards; wait for them (bounded), then free the buffer."""
+        done: list[Future] = []
+        live = self._arena.live_keys()
+        for k, task in enumerate(tasks):
+            f: Future = Future()
+            msg = P.WriteFiles(job_id=save.id, dirs=save.tmp_dirs, files=[task], live_keys=live,
+                               kwargs=save.writer_kwargs)
+            self._supervisor.submit(ShardJob(slot=k, message=msg, deadline=deadline,
+                                             describe=f"{task.name} of {save.finals[0]} (round)",
+                                             on_done=functools.partial(_settle, f),
+                                             retries=self.config.shard_retries))
+            done.append(f)
+        try:
+            for index, f in zip(group, done, strict=True):
+                save.results[index] = f.result(timeout=max(0.0, deadline - time.monotonic()) + RESERVE_REPLY_MARGIN_S)
+        finally:
+            wait_all(done, deadline)
+            self._arena.release(bufset)
 
     def _stage_async(self, box: list[Mapping[str, Any]], save: Save, metadata: Mapping[str, Any] | None,
                      writer_kwargs: dict[str, Any]) -> None:
@@ -507,10 +594,10 @@ class CheckpointPool:
             return
         deadline = time.monotonic() + self.config.save_timeout_s
         live = self._arena.live_keys()
-        for i, task in enumerate(tasks):
+        for k, (i, task) in enumerate(zip(save.task_indices, tasks, strict=True)):
             msg = P.WriteFiles(job_id=save.id, dirs=save.tmp_dirs, files=[task], live_keys=live,
                                kwargs=writer_kwargs)
-            job = ShardJob(slot=i, message=msg, deadline=deadline, describe=f"{task.name} of {save.finals[0]}",
+            job = ShardJob(slot=k, message=msg, deadline=deadline, describe=f"{task.name} of {save.finals[0]}",
                            on_done=functools.partial(self._shard_done, save, i), retries=self.config.shard_retries)
             save.jobs.append(job)
             self._supervisor.submit(job)
@@ -602,8 +689,8 @@ class CheckpointPool:
         save.future.timings["write_retries"] = float(sum(f.retries for r in save.results.values() for f in r.files))
         assert save.bufset is not None
         self._arena.release(save.bufset)
-        if save.error is None:
-            self._request_commit(save, slot=index)
+        if save.error is None:   # committed by the worker that just finished (its slot, not the shard's index)
+            self._request_commit(save, slot=save.task_indices.index(index) if index in save.task_indices else 0)
 
     def _request_commit(self, save: Save, slot: int) -> None:
         """Fill in the checksums and have a worker (the one that just finished) commit.
@@ -718,3 +805,8 @@ def _what_is_at(path: str) -> str:
     if os.path.isdir(path):
         return "a checkpoint" if os.path.exists(os.path.join(path, C.MANIFEST_NAME)) else "a directory"
     return "a file"
+
+
+def _seg(nbytes: int) -> int:
+    """Staging bytes a shard of ``nbytes`` takes: segments come in 2 MiB steps."""
+    return -(-max(nbytes, 1) // (1 << 21)) * (1 << 21)

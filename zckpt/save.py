@@ -114,6 +114,8 @@ class Save:
         self.tree: dict[str, Any] = {}             # the manifest's encoded structure
         self.metadata: Any = None                   # the caller's JSON metadata
         self.pending: set[int] = set()            # shard indices still being written
+        self.task_indices: list[int] = []         # the shard index of each task dispatched
+        self.writer_kwargs: dict[str, Any] = {}   # passed to every write_file of the save
         self.results: dict[int, P.JobResult] = {}
         self.error: BaseException | None = None  # the first error seen
         self._on_final = on_final

@@ -15,7 +15,7 @@ import torch
 
 from .arena import BufferSet
 from .format import dtype_name
-from .plan import SavePlan
+from .plan import SavePlan, ShardPlan
 from .protocol import FileTask, SegmentRef, StorageSpec, TensorSpec
 from .tree import Collector
 
@@ -44,11 +44,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: object | None) ->
         device_stager.copy(dst, src)  # type: ignore[union-attr]
 
 
-def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedStorage]) -> list[FileTask]:
+def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedStorage],
+                shards: list[ShardPlan] | None = None) -> list[FileTask]:
     """Copy every shard's file image into its segment; return the workers' tasks.
 
     ``sources[sid]`` is the caller's storage ``sid`` of the plan (the plan itself holds
-    none, so one plan serves every save of the same structure).
+    none, so one plan serves every save of the same structure). ``shards``: only these
+    (one round of a save in rounds), the k-th into segment k.
     """
     device_stager = None
     if plan.on_device:
@@ -57,8 +59,8 @@ def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedSt
     tasks = []
     memmove, on_cpu = _memmove_holding_gil, plan.on_cpu
     with torch.no_grad():
-        for shard in plan.shards:
-            seg = bufset.segments[shard.index]
+        for k, shard in enumerate(shards if shards is not None else plan.shards):
+            seg = bufset.segments[k if shards is not None else shard.index]
             out = seg.tensor
             base = out.data_ptr()
             memmove(base, shard.header, len(shard.header))

@@ -208,6 +208,8 @@ class Supervisor(threading.Thread):
 
     # --- called from other threads -------------------------------------------------
     def submit(self, job: ShardJob) -> None:
+        if not 0 <= job.slot < len(self._slots):   # raised here: in the loop it would crash the supervisor
+            raise ValueError(f"job {job.describe!r} names slot {job.slot}; there are {len(self._slots)}")
         self._command("job", job)
 
     def shutdown(self, deadline: float) -> None:
