@@ -484,3 +484,28 @@ def test_a_state_dict_larger_than_the_budget_is_saved_in_rounds(make_pool, tmp_p
     refuse = make_pool(num_workers=1, config=PoolConfig(**FAST, staging_budget_bytes=budget))
     with pytest.raises(zckpt.StagingBudgetError):
         refuse.save(sd, tmp_path / "d")
+
+
+def test_rounds_after_a_smaller_save_and_with_a_tiny_share_and_an_early_round_failure(make_pool, tmp_path):
+    """Found by review of rounds: (1) a set grown after a smaller save broke the budget
+    mid-save (the old segment counted until replaced); (2) a share too small for one
+    2 MiB segment per worker was refused though one per round fits; (3) a failure while
+    an earlier round was written came out of save() instead of the future."""
+    budget = 8 << 20
+    pool = make_pool(num_workers=2, config=PoolConfig(**FAST, staging_budget_bytes=budget, over_budget="rounds"))
+    pool.save({"a": torch.ones(1000)}, tmp_path / "small").result(timeout=60)
+    sd = {f"t{i}": torch.arange(1 << 20, dtype=torch.float32) + i for i in range(6)}
+    assert pool.save(sd, tmp_path / "big").result(timeout=120)
+    assert pool.stats.arena_nbytes <= budget
+    assert all(torch.equal(zckpt.load(tmp_path / "big")[k], v) for k, v in sd.items())
+    tiny = make_pool(num_workers=3, config=PoolConfig(**FAST, staging_budget_bytes=4 << 20, over_budget="rounds"))
+    assert tiny.save({"x": torch.arange(1.5 * (1 << 20))}, tmp_path / "tiny").result(timeout=120)
+    assert torch.equal(zckpt.load(tmp_path / "tiny")["x"], torch.arange(1.5 * (1 << 20)))
+    from _writers import FailingWriter
+    failing = make_pool(num_workers=1, config=PoolConfig(**FAST, staging_budget_bytes=budget, over_budget="rounds"),
+                        writer_factory=FailingWriter)
+    fut = failing.save(sd, tmp_path / "fails")          # round 0 fails: the future says so, save() does not raise
+    with pytest.raises(OSError, match="simulated disk full"):
+        fut.result(timeout=60)
+    assert not (tmp_path / "fails").exists()
+    wait_until(lambda: not [n for n in os.listdir(tmp_path) if ".tmp-" in n], 30, "the temp dir to be discarded")

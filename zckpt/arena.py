@@ -169,8 +169,21 @@ class Arena:
                 regrow = i < len(bufset.segments)
                 nbytes = _round_up(need + (need // 8 if regrow else 0), self._round)
                 if self._budget is not None:
-                    nbytes = self._reserve(nbytes, _round_up(need, self._round),
-                                           sum(_round_up(n, self._round) for n in sizes))
+                    if regrow:
+                        # Under a budget the smaller segment goes first (this set is ours: busy),
+                        # so the arena never holds both. Counted as 0 until replaced below.
+                        with self._cond:
+                            bufset.segments[i].close()
+                            bufset.segments[i].nbytes = 0
+                    try:
+                        nbytes = self._reserve(nbytes, _round_up(need, self._round),
+                                               sum(_round_up(n, self._round) for n in sizes))
+                    except BaseException:
+                        with self._cond:   # no closed placeholder stays behind: the set just gets shorter
+                            for seg in bufset.segments[i:]:
+                                seg.close()
+                            del bufset.segments[i:]
+                        raise
                 try:
                     t0 = time.perf_counter()
                     seg = Segment(key, nbytes)

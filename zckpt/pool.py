@@ -249,12 +249,16 @@ class CheckpointPool:
         except BaseException as exc:
             save.transition(SaveState.FAILED, exc)
             raise
+        if tasks is None:   # an earlier round failed while being written: the future says so
+            assert save.error is not None
+            save.transition(SaveState.FAILED, save.error)
+            return fut
         save.transition(SaveState.WRITING)  # staged: the caller may mutate its tensors
         self._dispatch(save, tasks, writer_kwargs)
         return fut
 
     def _stage(self, state_dict: Mapping[str, Any], save: Save, metadata: Mapping[str, Any] | None
-               ) -> list[P.FileTask]:
+               ) -> list[P.FileTask] | None:
         """Plan, take a buffer set, make the temp dirs, copy; return the workers' tasks.
 
         The caller moves the save to WRITING (resolving ``staged``) once this frame,
@@ -305,12 +309,15 @@ class CheckpointPool:
         return None if need <= per_set else -(-need // per_set)
 
     def _plan_rounds(self, state_dict: Mapping[str, Any], rounds: int
-                     ) -> tuple[SavePlan, list[torch.UntypedStorage], list[list[int]]]:
-        """A plan of ``rounds`` x workers shards, grouped into rounds that each fit one
-        buffer set's share of the budget (more rounds until they do)."""
+                     ) -> tuple[SavePlan, list[torch.UntypedStorage], list[list[int]], list[int]]:
+        """A plan cut into rounds that all stage into one buffer set within its share of
+        the budget: returns the plan, the caller's storages, the shard indices of each
+        round, and the segment sizes (per position, the largest shard of any round)."""
         assert self.config.staging_budget_bytes is not None
         per_set = self.config.staging_budget_bytes // self.config.staging_buffers
-        workers = self.config.num_workers
+        # Every shard takes at least one 2 MiB segment: fewer shards per round than
+        # workers when the share is that small (found by review: refused, though it fit).
+        width = max(1, min(self.config.num_workers, per_set // _seg(1)))
         with gc_paused():
             collector = Collector()
             collector.walk(state_dict)
@@ -318,62 +325,74 @@ class CheckpointPool:
             storages, infos = collect_storages(collector)
             sources = [st for st, _ in collector.storages]
             collector.release()
-        for r in range(rounds, rounds * 4 + 8):
-            plan = plan_save(storages, infos, r * workers, self.config.split, True, min_split=4096)
-            groups = [list(range(i, min(i + workers, len(plan.shards)))) for i in range(0, len(plan.shards), workers)]
-            if all(sum(_seg(plan.shards[i].nbytes) for i in g) <= per_set for g in groups):
-                return plan, sources, groups
-        biggest = max(_seg(s.nbytes) for s in plan.shards)
-        raise StagingBudgetError(f"cannot save in rounds under staging_budget_bytes: a single piece needs "
-                                 f"{biggest / 2**20:.1f} MiB of staging, over the {per_set / 2**20:.1f} MiB one "
-                                 "buffer set may hold (raise the budget)")
+        r = max(1, rounds)
+        for _ in range(40):   # more rounds (x1.25 each try) until they fit: a few plans, not hundreds
+            plan = plan_save(storages, infos, r * width, self.config.split, True, min_split=4096)
+            groups = [list(range(i, min(i + width, len(plan.shards)))) for i in range(0, len(plan.shards), width)]
+            sizes = [max(plan.shards[g[k]].nbytes for g in groups if k < len(g)) for k in range(width)]
+            if sum(_seg(n) for n in sizes) <= per_set:
+                return plan, sources, groups, sizes
+            r = max(r + 1, int(r * 1.25))
+        raise StagingBudgetError(f"cannot save in rounds under staging_budget_bytes: {width} segment(s) of at "
+                                 f"least {_seg(1) >> 20} MiB each, sized to the largest piece "
+                                 f"({max(s.nbytes for s in plan.shards) / 2**20:.1f} MiB), do not fit the "
+                                 f"{per_set / 2**20:.1f} MiB one buffer set may hold: raise the budget")
 
-    def _stage_in_rounds(self, state_dict: Mapping[str, Any], save: Save, rounds: int) -> list[P.FileTask]:
+    def _stage_in_rounds(self, state_dict: Mapping[str, Any], save: Save, rounds: int) -> list[P.FileTask] | None:
         """Stage and write every round but the last here (the caller stays blocked), then
-        stage the last one and return its tasks: the save goes on as a one-round save."""
-        plan, sources, groups = self._plan_rounds(state_dict, rounds)
+        stage the last one and return its tasks: the save goes on as a one-round save.
+
+        One buffer set, sized for the largest round, serves every round (no growing
+        between rounds). A failure while an earlier round is written is the save's, not
+        ``save()``'s: it is kept in ``save.error`` and None is returned (the caller fails
+        the save through its future, as it would for the last round).
+        """
+        plan, sources, groups, sizes = self._plan_rounds(state_dict, rounds)
         save.plan = plan
+        save.per_round = len(sizes)
         save.tmp_dirs, save.finals = self._make_temp_dirs(save.finals, save.created_dirs, save.future.mirror_errors)
         deadline = time.monotonic() + self.config.save_timeout_s
+        bufset: BufferSet | None = self._arena.acquire(sizes, self.config.buffer_wait_timeout_s,
+                                                       pin=plan.needs_pinning)
         try:
             for n, group in enumerate(groups):
                 shards = [plan.shards[i] for i in group]
-                bufset = self._arena.acquire([s.nbytes for s in shards], self.config.buffer_wait_timeout_s,
-                                             pin=plan.needs_pinning)
-                try:
-                    tasks = stage_files(plan, bufset, sources, shards=shards)
-                except BaseException:
-                    self._arena.release(bufset)
-                    raise
+                assert bufset is not None
+                tasks = stage_files(plan, bufset, sources, shards=shards)
                 if n == len(groups) - 1:   # the last round: written and committed as a one-round save
                     save.bufset, save.pending, save.task_indices = bufset, set(group), list(group)
                     save.future.timings["rounds"] = float(len(groups))
+                    bufset = None   # released when its shards are written (_shard_done)
                     return tasks
-                self._write_round(save, group, tasks, bufset, deadline)
+                try:
+                    self._write_round(save, group, tasks, deadline)
+                except Exception as exc:  # noqa: BLE001 - the save fails through its future
+                    save.error = exc
+                    return None
         finally:
             sources.clear()
+            if bufset is not None:
+                self._arena.release(bufset)
         raise AssertionError("unreachable")
 
-    def _write_round(self, save: Save, group: list[int], tasks: list[P.FileTask], bufset: BufferSet,
-                     deadline: float) -> None:
-        """Have the workers write one round's shards; wait for them (bounded), then free the buffer."""
+    def _write_round(self, save: Save, group: list[int], tasks: list[P.FileTask], deadline: float) -> None:
+        """Have the workers write one round's shards and wait for them (bounded)."""
         done: list[Future] = []
         live = self._arena.live_keys()
         for k, task in enumerate(tasks):
             f: Future = Future()
             msg = P.WriteFiles(job_id=save.id, dirs=save.tmp_dirs, files=[task], live_keys=live,
                                kwargs=save.writer_kwargs)
-            self._supervisor.submit(ShardJob(slot=k, message=msg, deadline=deadline,
-                                             describe=f"{task.name} of {save.finals[0]} (round)",
-                                             on_done=functools.partial(_settle, f),
-                                             retries=self.config.shard_retries))
+            job = ShardJob(slot=k, message=msg, deadline=deadline, describe=f"{task.name} of {save.finals[0]} (round)",
+                           on_done=functools.partial(_settle, f), retries=self.config.shard_retries)
+            save.round_retries.append(job)
+            self._supervisor.submit(job)
             done.append(f)
         try:
             for index, f in zip(group, done, strict=True):
                 save.results[index] = f.result(timeout=max(0.0, deadline - time.monotonic()) + RESERVE_REPLY_MARGIN_S)
         finally:
-            wait_all(done, deadline)
-            self._arena.release(bufset)
+            wait_all(done, deadline)   # the next round overwrites the buffer: nobody may still read it
 
     def _stage_async(self, box: list[Mapping[str, Any]], save: Save, metadata: Mapping[str, Any] | None,
                      writer_kwargs: dict[str, Any]) -> None:
@@ -383,6 +402,10 @@ class CheckpointPool:
         except BaseException as exc:  # noqa: BLE001 - the caller sees it through the futures
             save.transition(SaveState.FAILED, exc)
         else:
+            if tasks is None:   # an earlier round failed while being written
+                assert save.error is not None
+                save.transition(SaveState.FAILED, save.error)
+                return
             save.transition(SaveState.WRITING)
             self._dispatch(save, tasks, writer_kwargs)
 
@@ -684,7 +707,8 @@ class CheckpointPool:
         save.pending.discard(index)
         if save.pending:
             return
-        save.future.timings["shard_retries"] = float(sum(j.attempts - 1 for j in save.jobs))
+        save.future.timings["shard_retries"] = float(sum(j.attempts - 1 for j in save.jobs + save.round_retries))
+        save.round_retries.clear()
         save.jobs.clear()   # they reference the pool (their callbacks): no cycle outlives the save
         save.future.timings["write_retries"] = float(sum(f.retries for r in save.results.values() for f in r.files))
         assert save.bufset is not None
@@ -707,7 +731,8 @@ class CheckpointPool:
                 if fr.name != sh.name or fr.nbytes != sh.nbytes:
                     raise ZckptError(f"worker {i} reported {fr.name} ({fr.nbytes} bytes), "
                                      f"expected {sh.name} ({sh.nbytes} bytes)")
-                files.append(FileRecord(name=sh.name, nbytes=sh.nbytes, worker=sh.index, chunks=tuple(sh.chunks),
+                files.append(FileRecord(name=sh.name, nbytes=sh.nbytes, worker=sh.index % save.per_round,
+                                        chunks=tuple(sh.chunks),
                                         checksums=tuple(fr.checksums), write_s=round(fr.write_s, 6),
                                         hash_s=round(fr.hash_s, 6)))
         except (ZckptError, KeyError, IndexError) as exc:
