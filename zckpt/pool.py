@@ -47,7 +47,7 @@ import torch
 
 from . import commit as C
 from . import protocol as P
-from .arena import BufferSet
+from .arena import BufferSet, _round_up
 from .config import PoolConfig
 from .engine import KILL_TEARDOWN_S, Engine, PoolState, wait_all
 from .errors import PoolBusyError, PoolClosedError, SaveSkippedError, StagingBudgetError, ZckptError
@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: Arena segments, one per shard, come in multiples of this: huge-page friendly.
+SEGMENT_BYTES = 2 << 20
 #: reserve(): the workers' mapping jobs have their deadline; this covers the reply.
 RESERVE_REPLY_MARGIN_S = 5.0
 
@@ -140,8 +142,7 @@ class CheckpointPool:
             payload = cloudpickle.dumps((init_fn, tuple(init_args), writer_factory, dict(writer_kwargs or {})))
         except Exception as exc:
             raise TypeError(f"init_fn, init_args, writer_factory or writer_kwargs cannot be pickled: {exc}") from exc
-        # 2 MiB segments, one per shard: huge-page friendly.
-        self._engine = engine = Engine(cfg, payload, writer_method="write_file", round_bytes=1 << 21)
+        self._engine = engine = Engine(cfg, payload, writer_method="write_file", round_bytes=SEGMENT_BYTES)
         self._arena, self._supervisor, self._local = engine.arena, engine.supervisor, engine.local
         self._stager = engine.internal_executor("zckpt-stage")
         self.startup_s = engine.startup_s
@@ -534,7 +535,7 @@ class CheckpointPool:
             if left <= 0:
                 raise TimeoutError(f"{len(pending)} saves still in flight after buffer_wait_timeout_s="
                                    f"{self.config.buffer_wait_timeout_s:g}s (max_pending={limit})")
-            wait_all([pending[0].future], min(deadline, time.monotonic() + left))
+            wait_all([pending[0].future], deadline)
         return None
 
     def _skipped(self, path: str, why: str) -> SaveFuture:
@@ -833,5 +834,5 @@ def _what_is_at(path: str) -> str:
 
 
 def _seg(nbytes: int) -> int:
-    """Staging bytes a shard of ``nbytes`` takes: segments come in 2 MiB steps."""
-    return -(-max(nbytes, 1) // (1 << 21)) * (1 << 21)
+    """Staging bytes a shard of ``nbytes`` takes in the arena (see SEGMENT_BYTES)."""
+    return _round_up(nbytes, SEGMENT_BYTES)

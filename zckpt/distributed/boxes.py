@@ -16,6 +16,7 @@ answer, which is what lets ranks plan a save without talking to each other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,10 +37,7 @@ class Box:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.size:
-            n *= s
-        return n
+        return math.prod(self.size)
 
     @property
     def is_whole(self) -> bool:

@@ -13,6 +13,7 @@ each leaf in the skeleton's order; the other chunks of a leaf follow. ``zckpt.lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -94,10 +95,8 @@ def build_index(root: str, ranks: Sequence[int], leaves: Sequence[Leaf], *, tree
     rest: list[TensorRecord] = []
     for leaf in leaves:
         got = chunks[leaf.index]
-        whole = 1
-        for n in leaf.box.global_shape:
-            whole *= n
-        covered = sum(_numel(c.shape) for c in got)
+        whole = math.prod(leaf.box.global_shape)
+        covered = sum(math.prod(c.shape) for c in got)
         if not got or covered != whole:
             raise PlanMismatchError(f"{display_path(leaf.path)}: the ranks wrote {len(got)} chunk(s) covering "
                                     f"{covered} of its {whole} elements")
@@ -108,11 +107,4 @@ def build_index(root: str, ranks: Sequence[int], leaves: Sequence[Leaf], *, tree
                           version=MULTI_RANK_VERSION)
     body["ranks"] = list(ranks)
     return body
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 

@@ -25,7 +25,7 @@ from ..errors import CorruptCheckpointError
 from ..format import dtype_from_name, dtype_name
 from ..manifest import Manifest, TensorRecord, decode_skeleton, path_json, read_manifest
 from ..reader import _check_files, _check_views, _read_storages, _tensor_from
-from ..tree import KeyPath, display_path, encode_path, load_skeleton, path_key
+from ..tree import KeyPath, display_path, encode_path, iter_tensors, load_skeleton, path_key
 from .boxes import Box, intersect
 
 __all__ = ["load"]
@@ -148,20 +148,14 @@ def _local_and_box(t: torch.Tensor, where: str) -> tuple[torch.Tensor, Box]:
     return t, Box.whole(tuple(t.shape))
 
 
-def _walk(obj: Any, path: KeyPath = ()) -> list[tuple[KeyPath, torch.Tensor]]:
-    out: list[tuple[KeyPath, torch.Tensor]] = []
-    stack: list[tuple[Any, KeyPath]] = [(obj, path)]
+def _walk(obj: Any) -> list[tuple[KeyPath, torch.Tensor]]:
+    """Every tensor of the target by key path (``tree.iter_tensors``), a tied one once."""
     seen: set[int] = set()
-    while stack:
-        node, p = stack.pop()
-        if isinstance(node, torch.Tensor):
-            if id(node) not in seen:    # a tied tensor is filled once
-                seen.add(id(node))
-                out.append((p, node))
-        elif isinstance(node, dict):
-            stack.extend(reversed([(v, p + (k,)) for k, v in node.items()]))
-        elif isinstance(node, (list, tuple)):
-            stack.extend(reversed([(v, p + (i,)) for i, v in enumerate(node)]))
+    out = []
+    for path, t in iter_tensors(obj):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((path, t))
     return out
 
 
