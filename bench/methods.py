@@ -709,6 +709,58 @@ class Zckpt(Method):
             self._pool = None
 
 
+class DcpZckpt(Method):
+    """``dcp.async_save`` (thread executor) with :class:`zckpt.dcp.ZckptWriter` as storage
+    writer and stager: the one copy into zckpt's arena blocks, the pool's workers write
+    and fsync, the coordinator commits by rename (zckpt.dcp's module docstring)."""
+
+    fsync = "self"
+    needs_process_group = True
+
+    def __init__(self, workers: int) -> None:
+        self.name = f"dcp_zckpt_{workers}"
+        self.note = f"dcp.async_save + ZckptWriter, {workers} workers"
+        self._workers = workers
+        self._writer: Any = None
+
+    def start(self, sd: StateDict) -> None:
+        import zckpt
+        from zckpt.dcp import ZckptWriter
+
+        self._writer = ZckptWriter(config=zckpt.PoolConfig(num_workers=self._workers))
+        _ = self._writer.pool   # workers started here, not in the first save
+
+    def save(self, sd: StateDict, path: Path) -> Pending:
+        import torch.distributed.checkpoint as dcp
+
+        resp = dcp.async_save(sd, checkpoint_id=str(path), storage_writer=self._writer)
+        if isinstance(resp, Future):
+            return Pending(staged=None, done=Stamp(resp))
+        return Pending(staged=Stamp(resp.staging_completion), done=Stamp(resp.upload_completion))
+
+    def load(self, path: Path, expected: StateDict) -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        from zckpt.dcp import ZckptReader
+
+        template = _blank(expected)
+        dcp.load(template, storage_reader=ZckptReader(str(path)))
+        return template
+
+    def child_pids(self) -> list[int]:
+        return list(self._writer.pool.worker_pids) if self._writer is not None else []
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def kill(self) -> None:
+        if self._writer is not None:
+            self._writer.pool.kill()
+            self._writer = None
+
+
 class Unavailable(RuntimeError):
     """A method that cannot run here at all (e.g. zckpt not importable yet)."""
 
@@ -739,6 +791,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("async_checkpointer", "peers", lambda _log: ExperimentalAsyncCheckpointer()),
     Entry("dcp_thread", "peers", lambda log: DcpAsyncSave(process=False, log_dir=log)),
     Entry("dcp_process", "peers", lambda log: DcpAsyncSave(process=True, log_dir=log)),
+    Entry("dcp_zckpt_2", "zckpt", lambda _log: DcpZckpt(2)),
     Entry("zckpt_1", "zckpt", lambda _log: Zckpt(1)),
     Entry("zckpt_2", "zckpt", lambda _log: Zckpt(2)),
     Entry("zckpt_4", "zckpt", lambda _log: Zckpt(4)),

@@ -397,10 +397,10 @@ def test_async_staging_returns_before_the_copy_and_keeps_the_snapshot(make_pool,
     copy_may_run = threading.Event()
     copy: dict = {}
 
-    def held_stage(plan, bufset, sources):
+    def held_stage(plan, bufset, sources, **kwargs):
         copy["thread"] = threading.current_thread().name
         copy["was_held"] = copy_may_run.wait(timeout=10)  # synchronous staging would block save() here
-        return real_stage(plan, bufset, sources)
+        return real_stage(plan, bufset, sources, **kwargs)
 
     monkeypatch.setattr(pool_module, "stage_files", held_stage)
     sd = {f"w{i}": torch.full((256, 256), float(i)) for i in range(8)}
@@ -422,7 +422,7 @@ def test_async_staging_failure_fails_both_futures(make_pool, tmp_path, monkeypat
     import zckpt.pool as pool_module
     pool = make_pool(config=PoolConfig(num_workers=1, fsync=False, async_staging=True))
 
-    def broken_stage(plan, bufset, sources):
+    def broken_stage(plan, bufset, sources, **kwargs):
         raise MemoryError("simulated: cannot copy")
 
     monkeypatch.setattr(pool_module, "stage_files", broken_stage)

@@ -97,7 +97,7 @@ def test_a_nested_call_inside_save_raises_at_once(make_pool, tmp_path, monkeypat
     real_stage = pool_module.stage_files
     seen: dict = {}
 
-    def stage_with_a_nested_call(plan, bufset, sources):
+    def stage_with_a_nested_call(plan, bufset, sources, **kwargs):
         t0 = time.monotonic()
         try:
             if nested == "save":
@@ -107,7 +107,7 @@ def test_a_nested_call_inside_save_raises_at_once(make_pool, tmp_path, monkeypat
         except BaseException as exc:  # noqa: BLE001 - recorded for the asserts below
             seen["exc"] = exc
         seen["elapsed"] = time.monotonic() - t0
-        return real_stage(plan, bufset, sources)
+        return real_stage(plan, bufset, sources, **kwargs)
 
     monkeypatch.setattr(pool_module, "stage_files", stage_with_a_nested_call)
     fut = pool.save({"a": torch.ones(8)}, tmp_path / "outer")
@@ -137,11 +137,11 @@ def test_save_from_a_signal_handler_inside_save_raises_at_once(make_pool, tmp_pa
             seen["exc"] = exc
         seen["elapsed"] = time.monotonic() - t0
 
-    def stage_and_get_signalled(plan, bufset, sources):
+    def stage_and_get_signalled(plan, bufset, sources, **kwargs):
         # os.kill to ourselves runs the Python handler before it returns, on this thread.
         os.kill(os.getpid(), signal.SIGUSR2)
         seen["handler_ran_inside_staging"] = "elapsed" in seen
-        return real_stage(plan, bufset, sources)
+        return real_stage(plan, bufset, sources, **kwargs)
 
     old = signal.signal(signal.SIGUSR2, handler)
     try:

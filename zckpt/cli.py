@@ -13,6 +13,7 @@ import os
 import runpy
 import sys
 
+from . import s3
 from .commit import latest
 from .errors import CorruptCheckpointError
 from .manifest import read_manifest
@@ -27,7 +28,7 @@ def _human(n: float) -> str:
 
 
 def _inspect(path: str) -> int:
-    m = read_manifest(path)
+    m = s3.read_manifest(path) if s3.is_url(path) else read_manifest(path)
     files = m.files
     print(f"{path}: zckpt format v{m.version}, {len(m.tensors)} tensors in "
           f"{len(m.storages)} storages, {_human(m.nbytes)} in {len(files)} files, "

@@ -60,14 +60,16 @@ from ._sync import fsync_fd
 from .errors import CorruptCheckpointError
 from .manifest import (
     MANIFEST_NAME,
+    DcpManifest,
     Manifest,
     checksum_hex,
     peek_commit_record,
-    read_manifest,
+    read_any_manifest,
     read_manifest_body,
     with_commit_record,
     write_manifest,
 )
+from .s3 import is_url
 
 __all__ = ["temp_dir_for", "is_temp_dir", "make_dirs", "fsync_created", "fsync_dir", "commit_dir", "latest",
            "committed", "next_sequence", "repair_mirror", "apply_retention", "sweep_temp_dirs", "discard"]
@@ -147,6 +149,9 @@ def commit_dir(tmp: str, final: str, manifest: dict[str, Any], *, fsync: bool) -
     Raises:
         FileExistsError: ``final`` appeared meanwhile; ``tmp`` is left for the caller.
     """
+    if is_url(final):   # an s3:// mirror: the conditional create of its manifest object
+        from . import s3
+        return s3.commit(final, manifest)
     final = os.path.normpath(final)
     sequence, unix_time_ns = next_sequence(os.path.dirname(os.path.abspath(final))), time.time_ns()
     body = with_commit_record(manifest, sequence, unix_time_ns)
@@ -183,6 +188,9 @@ def repair_mirror(primary_root: str, mirror_root: str, *, fsync: bool, skip: str
     primary's commit and the mirror's. The copy is committed like any save (temp dir,
     fsync, manifest, rename, fsync) with the primary's manifest, so it verifies alike.
     """
+    if is_url(mirror_root):
+        from . import s3
+        return s3.repair_mirror(primary_root, mirror_root, skip=skip)
     candidates = [p for p in committed(primary_root) if os.path.basename(p) != skip][-1:]
     copied = []
     for src in candidates:
@@ -228,6 +236,9 @@ def _verify_copy(path: str, record: dict[str, Any], src: str) -> None:
 
 def discard(path: str) -> None:
     """Remove a temp directory of a failed save (never a committed checkpoint)."""
+    if is_url(path):   # an s3:// mirror's objects (zckpt.s3.discard: never a committed one)
+        from . import s3
+        return s3.discard(path)
     if not is_temp_dir(os.path.basename(path)):
         raise ValueError(f"refusing to delete {path!r}: not a zckpt temp directory")
     shutil.rmtree(path, ignore_errors=True)
@@ -282,7 +293,7 @@ def _forget(mpath: str) -> None:
         _cache.pop(mpath, None)
 
 
-def _key_of(name: str, manifest: Manifest, st: os.stat_result) -> _Key:
+def _key_of(name: str, manifest: Manifest | DcpManifest, st: os.stat_result) -> _Key:
     if manifest.commit is not None:
         return (1, manifest.commit.sequence, manifest.commit.unix_time_ns, name)
     created = manifest.created_unix
@@ -314,7 +325,7 @@ def _verified_key(path: str) -> _Key | None:
     if key is not _MISS:
         return key
     try:
-        manifest = read_manifest(path)
+        manifest = read_any_manifest(path)   # a DCP checkpoint (zckpt.dcp) is one too
     except (OSError, ValueError, CorruptCheckpointError) as exc:
         logger.debug("skipping %s: its manifest does not verify (%s)", path, exc)
         key = None
@@ -368,6 +379,9 @@ def committed(root: PathLike) -> list[str]:
     A directory whose manifest is missing, unreadable or fails verification is not
     committed: it is left out (logged at debug level), and so is a symbolic link.
     """
+    if is_url(root):
+        from . import s3
+        return s3.committed(root)
     keyed = []
     for path in _entries(os.fspath(root)):
         key = _verified_key(path)
@@ -384,8 +398,11 @@ def latest(root: PathLike) -> str | None:
     directories without a verifying manifest are ignored. Candidates are ranked from
     the first bytes of their manifests, then verified in full from the newest down
     until one passes, so only the winner's manifest (plus any damaged or old-style
-    ones) is read in full.
+    ones) is read in full. ``root`` may be an ``s3://bucket/prefix`` URL (zckpt.s3).
     """
+    if is_url(root):
+        from . import s3
+        return s3.latest(root)
     hints = []
     for path in _entries(os.fspath(root)):
         hint = _hint(path)
@@ -411,6 +428,9 @@ def apply_retention(root: str, keep_last: int, protect: str | None = None) -> li
     Newest as :func:`committed` orders them. Only checkpoints whose manifests verify are
     candidates; never deletes the newest one, ``protect``, or anything uncommitted.
     """
+    if is_url(root):
+        from . import s3
+        return s3.apply_retention(root, keep_last, protect)
     done = committed(root)
     keep = set(done[-max(1, keep_last):])
     if protect:

@@ -50,7 +50,9 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERS
            "TensorRecord", "CommitRecord", "build_manifest", "parse_manifest", "frozen_path", "path_json",
            "checksum_hex",
            "write_manifest", "json_metadata", "read_manifest", "read_manifest_body", "with_commit_record",
-           "commit_record", "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body"]
+           "commit_record", "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body",
+           "DCP_FORMAT_NAME", "DCP_VERSION", "DcpFileRecord", "DcpItemRecord", "DcpTensorEntry", "DcpManifest",
+           "build_dcp_manifest", "parse_dcp_manifest", "read_any_manifest"]
 
 FORMAT_NAME = "zckpt"
 # 3: a multi-rank checkpoint (zckpt.distributed): files live in rank-<r>/ sub-directories
@@ -682,3 +684,196 @@ def decode_skeleton(tree: Any, where: str) -> bytes:
         return base64.b64decode(tree["b64"], validate=True)
     except ValueError as exc:
         raise CorruptCheckpointError(f"{where}: the manifest's tree is not valid base64 ({exc})") from None
+
+
+# --- checkpoints written through DCP (zckpt.dcp) ----------------------------------------------
+# A DCP save names its items by DCP's own keys (fully qualified name and chunk offset) and
+# its metadata (every tensor's global size and saved chunks) is DCP's: the manifest of such
+# a checkpoint records those, and where each item lies, instead of a structure and
+# storages. Version 1:
+#
+#   {"commit": {...}, "format": "zckpt-dcp", "version": 1, "checksum": "xxh3_64" | "none",
+#    "torch_version": "...", "created_unix": 1.7e9,
+#    "files": [{"name": "__0_0.distcp", "nbytes": N, "rank": 0}],
+#    "items": [{"fqn": "model.w", "offset": [0, 0] | null, "file": 0, "at": 0, "nbytes": n,
+#               "digest": "<xxh3_64 hex>" | null}],
+#    "entries": {"model.w": {"dtype": "float32", "size": [8, 4], "requires_grad": false,
+#                            "chunks": [[[0, 0], [4, 4]], [[4, 0], [4, 4]]]},
+#                "step": null},          <- a non-tensor value (DCP's BytesStorageMetadata)
+#    "planner_data": {"model.w": ["model", "w"], ...} | null}
+DCP_FORMAT_NAME = "zckpt-dcp"
+DCP_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DcpFileRecord:
+    """A data file of a DCP checkpoint, written by one rank."""
+
+    name: str
+    nbytes: int
+    rank: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "nbytes": self.nbytes, "rank": self.rank}
+
+
+@dataclass(frozen=True, slots=True)
+class DcpItemRecord:
+    """One DCP item (DCP's ``MetadataIndex``: ``fqn`` and, for a tensor chunk, its
+    ``offset``), stored as ``nbytes`` bytes at byte ``at`` of file ``file``: a tensor chunk
+    as its contiguous row-major bytes, a non-tensor value as DCP's ``torch.save`` bytes."""
+
+    fqn: str
+    offset: tuple[int, ...] | None
+    file: int
+    at: int
+    nbytes: int
+    digest: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fqn": self.fqn, "offset": list(self.offset) if self.offset is not None else None,
+                "file": self.file, "at": self.at, "nbytes": self.nbytes, "digest": self.digest}
+
+
+@dataclass(frozen=True, slots=True)
+class DcpTensorEntry:
+    """DCP's ``TensorStorageMetadata`` of one tensor: its global size and saved chunks."""
+
+    dtype: str
+    size: tuple[int, ...]
+    requires_grad: bool
+    chunks: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]   # (offsets, sizes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "size": list(self.size), "requires_grad": self.requires_grad,
+                "chunks": [[list(o), list(s)] for o, s in self.chunks]}
+
+
+@dataclass(frozen=True, slots=True)
+class DcpManifest:
+    """The manifest of a checkpoint written through :class:`zckpt.dcp.ZckptWriter`."""
+
+    version: int
+    checksum: str
+    torch_version: str | None
+    files: tuple[DcpFileRecord, ...]
+    items: tuple[DcpItemRecord, ...]
+    entries: dict[str, DcpTensorEntry | None]    # None: a non-tensor value
+    planner_data: Any
+    created_unix: float | None = None
+    commit: CommitRecord | None = None
+    format: str = DCP_FORMAT_NAME
+
+    @property
+    def checks(self) -> bool:
+        return self.checksum != "none"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+def build_dcp_manifest(*, checksum: str, torch_version: str, files: list[DcpFileRecord],
+                       items: list[DcpItemRecord], entries: dict[str, DcpTensorEntry | None], planner_data: Any,
+                       created_unix: float) -> dict[str, Any]:
+    """The body of a DCP checkpoint's manifest. ``planner_data`` must be JSON data
+    (DCP's default planner's: ``{fqn: key path}``, key paths of str and int).
+
+    Raises:
+        TypeError: ``planner_data`` is not JSON data (naming where).
+    """
+    plain = _to_json(planner_data)   # key paths are tuples: stored as lists
+    _check_json(plain, "planner_data")
+    return {"format": DCP_FORMAT_NAME, "version": DCP_VERSION, "checksum": checksum, "torch_version": torch_version,
+            "created_unix": created_unix, "files": [f.to_json() for f in files],
+            "items": [i.to_json() for i in items],
+            "entries": {k: (e.to_json() if e is not None else None) for k, e in entries.items()},
+            "planner_data": plain}
+
+
+def _plain_name(c: _Checker, name: str, at: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise c.bad(at, f"{name!r} is not a plain file name")
+    return name
+
+
+def parse_dcp_manifest(body: dict[str, Any], where: str) -> DcpManifest:
+    """Check a DCP checkpoint's manifest body (see :func:`parse_manifest`: every field's
+    type and range, so that a re-sealed manifest cannot make a reader read outside its
+    files) and return it as records.
+
+    Raises:
+        CorruptCheckpointError: naming the first field that is wrong, or a newer version.
+    """
+    c = _Checker(where)
+    version = body.get("version")
+    if type(version) is not int or version != DCP_VERSION:
+        raise CorruptCheckpointError(f"{where}: DCP format version {version!r} is not supported (this zckpt "
+                                     f"reads version {DCP_VERSION}; a newer one needs a newer zckpt)")
+    checksum = body.get("checksum")
+    if checksum not in CHECKSUM_ALGORITHMS:
+        raise c.bad("checksum", f"algorithm {checksum!r} is not one of {CHECKSUM_ALGORITHMS}")
+    files = []
+    for i, raw in enumerate(c.array(body.get("files"), "files")):
+        at = f"files[{i}]"
+        f = c.obj(raw, at)
+        files.append(DcpFileRecord(_plain_name(c, c.text(f.get("name"), at, "name"), f"{at}.name"),
+                                   c.nat(f.get("nbytes"), at, "nbytes"), c.nat(f.get("rank"), at, "rank")))
+    entries: dict[str, DcpTensorEntry | None] = {}
+    for fqn, raw in c.obj(body.get("entries"), "entries").items():
+        at = f"entries[{fqn!r}]"
+        if raw is None:
+            entries[fqn] = None
+            continue
+        e = c.obj(raw, at)
+        size = c.nats(e.get("size"), at, "size")
+        chunks = []
+        for j, ch in enumerate(c.array(e.get("chunks"), at, "chunks")):
+            if type(ch) is not list or len(ch) != 2:
+                raise c.bad(f"{at}.chunks[{j}]", "must be an [offsets, sizes] pair")
+            offs, sizes = c.nats(ch[0], f"{at}.chunks[{j}]", "offsets"), c.nats(ch[1], f"{at}.chunks[{j}]", "sizes")
+            if not len(offs) == len(sizes) == len(size) or any(o + n > g for o, n, g in zip(offs, sizes, size,
+                                                                                            strict=True)):
+                raise c.bad(f"{at}.chunks[{j}]", f"{list(offs)} + {list(sizes)} does not lie inside {list(size)}")
+            chunks.append((offs, sizes))
+        entries[fqn] = DcpTensorEntry(c.text(e.get("dtype"), at, "dtype"), size,
+                                      c.flag(e.get("requires_grad", False), at, "requires_grad"), tuple(chunks))
+    items = []
+    for i, raw in enumerate(c.array(body.get("items"), "items")):
+        at = f"items[{i}]"
+        it = c.obj(raw, at)
+        fqn = c.text(it.get("fqn"), at, "fqn")
+        if fqn not in entries:
+            raise c.bad(f"{at}.fqn", f"{fqn!r} has no entry")
+        offset = it.get("offset")
+        offset = c.nats(offset, at, "offset") if offset is not None else None
+        fi, pos, n = c.nat(it.get("file"), at, "file"), c.nat(it.get("at"), at, "at"), c.nat(it.get("nbytes"), at,
+                                                                                             "nbytes")
+        if fi >= len(files):
+            raise c.bad(f"{at}.file", f"{fi} is out of range ({len(files)} files)")
+        if pos + n > files[fi].nbytes:
+            raise c.bad(f"{at}.at", f"[{pos}, {pos + n}) lies outside its file's {files[fi].nbytes} bytes")
+        digest = it.get("digest")
+        if digest is not None:
+            c.text(digest, at, "digest")
+        elif checksum != "none":
+            raise c.bad(f"{at}.digest", "is missing")
+        items.append(DcpItemRecord(fqn, offset, fi, pos, n, digest))
+    torch_version = body.get("torch_version")
+    if torch_version is not None:
+        c.text(torch_version, "torch_version")
+    return DcpManifest(version=version, checksum=checksum, torch_version=torch_version, files=tuple(files),
+                       items=tuple(items), entries=entries, planner_data=body.get("planner_data"),
+                       created_unix=c.seconds(body.get("created_unix"), "created_unix", ""), commit=_commit(body))
+
+
+def read_any_manifest(directory: str) -> Manifest | DcpManifest:
+    """:func:`read_manifest`, or the DCP manifest of a checkpoint written through zckpt.dcp.
+
+    Raises:
+        FileNotFoundError, CorruptCheckpointError: as :func:`read_manifest`.
+    """
+    body, path = _read_sealed(directory)
+    if body.get("format") == DCP_FORMAT_NAME:
+        return parse_dcp_manifest(body, path)
+    return parse_manifest(body, path)

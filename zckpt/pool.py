@@ -34,6 +34,7 @@ import collections
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -53,6 +54,7 @@ from .engine import KILL_TEARDOWN_S, Engine, PoolState, wait_all
 from .errors import PoolBusyError, PoolClosedError, SaveSkippedError, StagingBudgetError, ZckptError
 from .manifest import FileRecord, StorageRecord, TensorRecord, build_manifest, encode_skeleton, json_metadata
 from .plan import SavePlan, collect_storages, plan_records, plan_save
+from .s3 import is_url
 from .save import FINAL, Save, SaveFuture, SaveState
 from .stager import stage_files
 from .supervisor import ShardJob
@@ -217,6 +219,9 @@ class CheckpointPool:
         self._engine.check_open()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping (dict), got {type(state_dict).__name__}")
+        if is_url(os.fspath(path)):
+            raise ValueError(f"cannot save to {os.fspath(path)!r}: an s3:// path is supported as a mirror root, not "
+                             "as the primary; save to a local path with PoolConfig(mirrors=('s3://bucket/prefix',))")
         final = os.path.abspath(os.fspath(path))
         finals = [final] + [os.path.join(m, os.path.basename(final)) for m in self.config.mirrors]
         if os.path.lexists(final):   # a mirror in the way only leaves that mirror out (see _make_temp_dirs)
@@ -229,6 +234,9 @@ class CheckpointPool:
         save.writer_kwargs = writer_kwargs
         fut = save.future
         if self.config.async_staging:
+            # The copies are issued from the stager thread: they must wait for the
+            # kernels this thread queued, on whatever stream (see record_current_streams).
+            save.cuda_events = _cuda_events()
             fut.timings["blocked_s"] = time.perf_counter() - t0
             try:
                 # In a box the stager empties: its work item must not keep the state dict
@@ -283,7 +291,7 @@ class CheckpointPool:
             raise
         fut.timings.update(plan_s=t_plan - t0, wait_buffer_s=t_acquired - t_plan)
         try:
-            tasks = stage_files(plan, bufset, sources)
+            tasks = stage_files(plan, bufset, sources, after=save.cuda_events)
         except BaseException as exc:
             self._arena.release(bufset)
             with self._lock:
@@ -359,7 +367,7 @@ class CheckpointPool:
             for n, group in enumerate(groups):
                 shards = [plan.shards[i] for i in group]
                 assert bufset is not None
-                tasks = stage_files(plan, bufset, sources, shards=shards)
+                tasks = stage_files(plan, bufset, sources, shards=shards, after=save.cuda_events)
                 if n == len(groups) - 1:   # the last round: written and committed as a one-round save
                     save.bufset, save.pending, save.task_indices = bufset, set(group), list(group)
                     save.future.timings["rounds"] = float(len(groups))
@@ -560,6 +568,10 @@ class CheckpointPool:
         kept: list[str] = []
         try:
             for i, f in enumerate(finals):
+                if i and is_url(f):   # an s3:// mirror: the workers check and upload under it (zckpt.s3)
+                    tmp_dirs.append(f)
+                    kept.append(f)
+                    continue
                 try:
                     if i and os.path.lexists(f):
                         raise FileExistsError(f"{_what_is_at(f)} already exists at {f!r}")
@@ -739,6 +751,7 @@ class CheckpointPool:
         except (ZckptError, KeyError, IndexError) as exc:
             self._engine.submit_cleanup(save.transition, SaveState.FAILED, exc)
             return
+        self._drop_failed_mirrors(save)
         body = build_manifest(checksum=self.config.checksum, tree=save.tree, metadata=save.metadata,
                               torch_version=str(torch.__version__), files=files, storages=storages,
                               tensors=tensors, created_unix=time.time())
@@ -750,6 +763,21 @@ class CheckpointPool:
             if save.id in self._commit_queue:
                 self._commit_queue[save.id] = (job, slot, save)
         self._pump_commits()
+
+    def _drop_failed_mirrors(self, save: Save) -> None:
+        """Leave out of the commit the s3:// mirrors a worker could not upload a shard to
+        (named in the write results as ``"<mirror>: <error>"``): named in
+        ``fut.mirror_errors``, their uploads removed, the primary still committed."""
+        errors = list(dict.fromkeys(e for r in save.results.values() for e in r.mirror_errors))
+        if not errors:
+            return
+        failed = [i for i, t in enumerate(save.tmp_dirs) if i and any(e.startswith(f"{t}: ") for e in errors)]
+        for i in failed:
+            self._engine.submit_cleanup(C.discard, save.tmp_dirs[i])
+        save.future.mirror_errors += errors
+        logger.error("save %d: mirror upload failed, left out of the commit: %s", save.id, "; ".join(errors))
+        save.tmp_dirs = [t for i, t in enumerate(save.tmp_dirs) if i not in failed]
+        save.finals = [f for i, f in enumerate(save.finals) if i not in failed]
 
     def _records(self, plan: SavePlan) -> tuple[list[StorageRecord], list[TensorRecord]]:
         """The plan's storage and tensor records (immutable: kept while the plan is reused)."""
@@ -831,6 +859,13 @@ def _what_is_at(path: str) -> str:
     if os.path.isdir(path):
         return "a checkpoint" if os.path.exists(os.path.join(path, C.MANIFEST_NAME)) else "a directory"
     return "a file"
+
+
+def _cuda_events() -> Any:
+    if "torch.cuda" not in sys.modules or not torch.cuda.is_initialized():
+        return None
+    from ._cuda import record_current_streams
+    return record_current_streams()
 
 
 def _seg(nbytes: int) -> int:

@@ -54,7 +54,8 @@ __all__ = [
 
 #: Bumped on any change to the header or to a message's fields; checked on every message
 #: from a worker, so a worker of another zckpt version fails at HELLO with a clear error.
-VERSION = 4   # 4: CommitJob.created (directories whose parents to fsync), JobResult.mirror_errors
+VERSION = 5   # 5: FileTask.runs (a file gathered from several ranges: zckpt.dcp)
+#              4: CommitJob.created (directories whose parents to fsync), JobResult.mirror_errors
 
 _HEADER = struct.Struct("!BH32s")
 HEADER_BYTES = _HEADER.size
@@ -146,13 +147,17 @@ class SegmentRef:
 
 @dataclass(frozen=True)
 class FileTask:
-    """One shard file: bytes [offset, offset+nbytes) of a segment, its file image."""
+    """One shard file: bytes [offset, offset+nbytes) of a segment, its file image; or,
+    with ``runs``, the concatenation of those ``(segment offset, nbytes)`` ranges (a DCP
+    file gathers the items its rank writes from wherever they were staged; ``offset`` is
+    then 0 and ``nbytes`` their total)."""
 
     name: str
     segment: SegmentRef
     offset: int
     nbytes: int
     chunks: list[tuple[int, int]]   # (offset in file, nbytes) ranges to checksum
+    runs: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)

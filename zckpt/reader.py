@@ -29,6 +29,7 @@ from .errors import CorruptCheckpointError
 from .format import dtype_from_name, dtype_name
 from .manifest import (
     MULTI_RANK_VERSION,
+    DcpManifest,
     FileRecord,
     Manifest,
     PartRecord,
@@ -36,8 +37,10 @@ from .manifest import (
     checksum_hex,
     decode_skeleton,
     path_json,
+    read_any_manifest,
     read_manifest,
 )
+from .s3 import is_url
 from .tree import display_path, encode_path, iter_tensors, load_skeleton, path_key, rebuild_tensor
 
 __all__ = ["load", "load_metadata", "verify"]
@@ -54,7 +57,10 @@ def _writable_view(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def _read_exact(fd: int, view: memoryview, offset: int, fname: str) -> None:
+def _read_exact(fd: Any, view: memoryview, offset: int, fname: str) -> None:
+    if not isinstance(fd, int):   # an s3:// object (zckpt.s3.S3Object): ranged GETs
+        fd.read_exact(view, offset)
+        return
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -141,7 +147,41 @@ def _chunk_owner(m: Manifest) -> dict[tuple[int, int], str]:
     return owner
 
 
+def _manifest_of(directory: str) -> Manifest:
+    """The checked manifest of a checkpoint directory, or of an ``s3://`` checkpoint."""
+    if is_url(directory):
+        from . import s3
+        return s3.read_manifest(directory)
+    return read_manifest(directory)
+
+
+def _open_file(path: str) -> Any:
+    """A shard file for :func:`_read_exact`: a descriptor, or an ``s3://`` object."""
+    if is_url(path):
+        from . import s3
+        return s3.S3Object(path)
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _open_stream(path: str) -> Any:
+    """A shard file to ``seek`` and ``read`` (verify), local or ``s3://``."""
+    if is_url(path):
+        from . import s3
+        return s3.S3Object(path)
+    return open(path, "rb")
+
+
+def _close_file(fd: Any) -> None:
+    if isinstance(fd, int):
+        os.close(fd)
+    else:
+        fd.close()
+
+
 def _check_files(directory: str, m: Manifest) -> list[str]:
+    if is_url(directory):   # one listing: every shard object there, of its size
+        from . import s3
+        return s3.check_objects(directory, m)
     paths = []
     for f in m.files:
         path = os.path.join(directory, f.name)
@@ -162,7 +202,7 @@ def load_metadata(path: PathLike) -> Any:
     Raises:
         FileNotFoundError, CorruptCheckpointError: as :func:`load`.
     """
-    return read_manifest(os.fspath(path)).metadata
+    return _manifest_of(os.fspath(path)).metadata
 
 
 def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool = True, verify: bool = True,
@@ -210,7 +250,7 @@ def load(path: PathLike, map_location: MapLocation = None, *, weights_only: bool
         raise TypeError("zckpt.load(path=None): no checkpoint to load (zckpt.latest() returns None "
                         "when a root holds no committed checkpoint yet)")
     directory = os.fspath(path)
-    m = read_manifest(directory)
+    m = _manifest_of(directory)
     paths = _check_files(directory, m)
     _check_views(m, directory)
     checks = verify and m.checks
@@ -347,7 +387,7 @@ def _read_storages(m: Manifest, paths: list[str], buffers: list[torch.Tensor | N
         for (off, _n), digest in zip(f.chunks, f.checksums or (), strict=False):
             sums[(fi, off)] = digest
     jobs = [(sid, part) for sid, st in enumerate(m.storages) for part in st.parts if buffers[sid] is not None]
-    fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
+    fds = [_open_file(p) for p in paths]
 
     def read_part(job: tuple[int, PartRecord]) -> None:
         sid, part = job
@@ -378,7 +418,7 @@ def _read_storages(m: Manifest, paths: list[str], buffers: list[torch.Tensor | N
                 _verify_header(fds[fi], paths[fi], f)
     finally:
         for fd in fds:
-            os.close(fd)
+            _close_file(fd)
 
 
 def _load_into(directory: str, m: Manifest, paths: list[str], into: Any, checks: bool, strict: bool,
@@ -490,7 +530,11 @@ def verify(path: PathLike) -> dict[str, Any]:
         CorruptCheckpointError: naming the file and the tensors affected.
     """
     directory = os.fspath(path)
-    m = read_manifest(directory)
+    if not is_url(directory):
+        any_m = read_any_manifest(directory)
+        if isinstance(any_m, DcpManifest):
+            return _verify_dcp(directory, any_m)
+    m = _manifest_of(directory)
     paths = _check_files(directory, m)
     owner = _chunk_owner(m)
     total = 0
@@ -501,7 +545,7 @@ def verify(path: PathLike) -> dict[str, Any]:
         if checks and len(sums) != len(frec.chunks):
             raise CorruptCheckpointError(f"{fpath}: manifest lists {len(sums)} checksums for "
                                          f"{len(frec.chunks)} chunks")
-        with open(fpath, "rb") as f:
+        with _open_stream(fpath) as f:
             # The header chunk's checksum first: a damaged length prefix or header is
             # reported as such, never parsed (a 2**62-byte length, a JSON list).
             hoff, hlen_total = frec.chunks[0]
@@ -519,6 +563,33 @@ def verify(path: PathLike) -> dict[str, Any]:
                             f"{owner.get((fi, off), 'unknown entry')}")
                     total += n
     return {"files": len(paths), "tensors": len(m.tensors), "storages": len(m.storages), "bytes_checked": total}
+
+
+def _verify_dcp(directory: str, m: DcpManifest) -> dict[str, Any]:
+    """:func:`verify` for a checkpoint written through zckpt.dcp: file sizes, every item's checksum."""
+    total = 0
+    paths = []
+    for f in m.files:
+        fpath = os.path.join(directory, f.name)
+        try:
+            size = os.stat(fpath).st_size
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{fpath}: file is missing") from None
+        if size != f.nbytes:
+            raise CorruptCheckpointError(f"{fpath}: size {size} bytes, manifest says {f.nbytes}")
+        paths.append(fpath)
+    handles = [open(p, "rb") for p in paths]   # noqa: SIM115 - closed below
+    try:
+        for it in m.items:
+            if m.checks and _stream_digest(handles[it.file], it.at, it.nbytes) != it.digest:
+                raise CorruptCheckpointError(f"{paths[it.file]}: checksum mismatch in bytes "
+                                             f"[{it.at}, {it.at + it.nbytes}) — item {it.fqn!r}")
+            total += it.nbytes if m.checks else 0
+    finally:
+        for h in handles:
+            h.close()
+    return {"files": len(paths), "items": len(m.items), "tensors": sum(e is not None for e in m.entries.values()),
+            "bytes_checked": total}
 
 
 def _pread(f: Any, offset: int, n: int) -> bytes:

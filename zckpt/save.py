@@ -116,6 +116,7 @@ class Save:
         self.pending: set[int] = set()            # shard indices still being written
         self.task_indices: list[int] = []         # the shard index of each task dispatched
         self.writer_kwargs: dict[str, Any] = {}   # passed to every write_file of the save
+        self.cuda_events: Any = None              # async staging: the trainer's CUDA streams at save()
         self.per_round = 1 << 30                  # shards per round (a save in rounds): a file's worker slot
         self.round_retries: list[Any] = []        # the earlier rounds' jobs, for the retry count
         self.results: dict[int, P.JobResult] = {}

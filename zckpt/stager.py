@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 import torch
 
@@ -45,17 +46,31 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, device_stager: object | None) ->
 
 
 def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedStorage],
-                shards: list[ShardPlan] | None = None) -> list[FileTask]:
+                shards: list[ShardPlan] | None = None, after: Any = None) -> list[FileTask]:
     """Copy every shard's file image into its segment; return the workers' tasks.
 
     ``sources[sid]`` is the caller's storage ``sid`` of the plan (the plan itself holds
     none, so one plan serves every save of the same structure). ``shards``: only these
-    (one round of a save in rounds), the k-th into segment k.
+    (one round of a save in rounds), the k-th into segment k. ``after``: the CUDA events
+    of :func:`zckpt._cuda.record_current_streams`, taken on the trainer's thread (async
+    staging copies from another thread).
+
+    Device-to-host copies are waited for before this returns, also when it raises (the
+    caller then releases the buffer set: no copy may still be landing in it).
     """
     device_stager = None
     if plan.on_device:
         from ._cuda import DeviceStager
-        device_stager = DeviceStager()
+        device_stager = DeviceStager(after)
+    try:
+        return _stage_files(plan, bufset, sources, shards, device_stager)
+    finally:
+        if device_stager is not None:
+            device_stager.wait()
+
+
+def _stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedStorage],
+                 shards: list[ShardPlan] | None, device_stager: Any) -> list[FileTask]:
     tasks = []
     memmove, on_cpu = _memmove_holding_gil, plan.on_cpu
     with torch.no_grad():
@@ -74,8 +89,6 @@ def stage_files(plan: SavePlan, bufset: BufferSet, sources: list[torch.UntypedSt
                     _copy(out[file_offset: file_offset + nbytes], byte_view(src)[start: start + nbytes],
                           device_stager)
             tasks.append(FileTask(shard.name, seg.ref(), 0, shard.nbytes, shard.chunks))
-        if device_stager is not None:
-            device_stager.wait()
     return tasks
 
 

@@ -27,8 +27,10 @@ through one table (``Worker._jobs``).
 
 from __future__ import annotations
 
+import bisect
 import faulthandler
 import functools
+import itertools
 import logging
 import os
 import pickle
@@ -37,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +48,7 @@ import zmq
 from . import protocol as P
 from ._proc import set_parent_death_signal
 from .errors import ZckptError, pack_exception
+from .s3 import is_url
 from .writers import default_writer_factory, map_segment
 
 # Not __name__: run with -m, this module is "__main__", outside the "zckpt" hierarchy
@@ -153,6 +157,7 @@ class Worker:
         self.orphan_timeout_s = orphan_timeout_s
         self.init: P.InitRequest | None = None
         self.writer: Any = None
+        self._s3_writer: Any = None            # built at the first upload to an s3:// mirror
         self._maps: dict[str, Any] = {}        # segment key -> mmap (files mode)
         self._storages: dict[str, Any] = {}    # segment key -> (nbytes, torch storage) (state mode)
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="zckpt-hash")
@@ -319,16 +324,19 @@ class Worker:
             mm = self._maps[seg.key] = map_segment(seg.path, seg.nbytes)
         return mm
 
-    def _write_one(self, path: str, data: memoryview, kwargs: dict[str, Any]) -> int:
-        """Have the writer store ``data`` at ``path``; retry a TransientWriteError with
-        backoff (see its docstring). Returns how many retries it took."""
+    def _write_one(self, path: str, data: Any, kwargs: dict[str, Any],
+                   call: Callable[..., None] | None = None) -> int:
+        """Have the writer store ``data`` at ``path`` (``call``: the writer method, by
+        default ``write_file``); retry a TransientWriteError with backoff (see its
+        docstring). Returns how many retries it took."""
         from .errors import TransientWriteError
         assert self.init is not None
+        write = call if call is not None else self.writer.write_file
         for attempt in range(self.init.transient_retries + 1):
             if os.path.lexists(path):   # a partial file: of a dead worker's attempt, or of ours
                 os.unlink(path)
             try:
-                self.writer.write_file(path, data, progress=self._add_progress, **kwargs)
+                write(path, data, progress=self._add_progress, **kwargs)
                 return attempt
             except TransientWriteError as exc:
                 if attempt == self.init.transient_retries:
@@ -343,20 +351,75 @@ class Worker:
         assert self.init is not None
         self._drop_unlisted(job.live_keys)
         results = []
+        mirror_errors: list[str] = []   # s3:// mirrors whose upload failed: the mirror's failure, not the save's
         for task in job.files:
             mm = self._mapping(task.segment)
+            if task.runs is not None:
+                results.append(self._write_gathered(job, task, mm))
+                continue
             with memoryview(mm) as whole, whole[task.offset: task.offset + task.nbytes] as data:
                 sums = None
                 if self.init.checksum != "none":
                     sums = self._hasher.submit(_checksums, data, task.chunks)
                 t0 = time.perf_counter()
                 retries = 0
-                for d in job.dirs:
+                for i, d in enumerate(job.dirs):
+                    if i and is_url(d):
+                        retries += self._write_url(d, task.name, data, mirror_errors)
+                        continue
                     retries += self._write_one(os.path.join(d, task.name), data, job.kwargs)
                 write_s = time.perf_counter() - t0
                 digests, hash_s = sums.result() if sums is not None else ([], 0.0)
             results.append(P.FileResult(task.name, task.nbytes, digests, write_s, hash_s, retries))
-        return P.JobResult(job.job_id, results)
+        return P.JobResult(job.job_id, results, mirror_errors)
+
+    def _write_url(self, root: str, name: str, data: memoryview, mirror_errors: list[str]) -> int:
+        """Upload a shard to an ``s3://`` mirror (zckpt.s3). A failure (after the writer
+        aborted its upload, and after the transient retries) is recorded as
+        ``"<root>: <error>"``: the trainer leaves that mirror out of the commit."""
+        assert self.init is not None
+        if any(e.startswith(f"{root}: ") for e in mirror_errors):
+            return 0   # failed already in this job
+        try:
+            from .s3 import mirror_writer, prepare
+            if self._s3_writer is None:
+                self._s3_writer = mirror_writer(self.init.write_chunk_bytes)
+            prepare(root)   # FileExistsError if a checkpoint is committed there: never overwritten
+            return self._write_one(f"{root}/{name}", data, {}, call=self._s3_writer.write_file)
+        except Exception as exc:  # noqa: BLE001 - the mirror's failure, reported with the result
+            logger.error("worker %d: upload of %s to %s failed: %s", self.slot, name, root, exc)
+            mirror_errors.append(f"{root}: {type(exc).__name__}: {exc}")
+            return 0
+
+    def _write_gathered(self, job: P.WriteFiles, task: P.FileTask, mm: Any) -> P.FileResult:
+        """A file made of several ranges of one segment (see FileTask.runs): the writer's
+        ``write_parts`` stores them in order without joining them; a writer without one
+        gets them joined into one buffer first (one copy, in this process)."""
+        assert self.init is not None and task.runs is not None
+        whole = memoryview(mm)
+        parts = [whole[off: off + n] for off, n in task.runs]
+        try:
+            sums = None
+            if self.init.checksum != "none":
+                sums = self._hasher.submit(_gathered_checksums, parts, task.chunks)
+            t0 = time.perf_counter()
+            retries = 0
+            for d in job.dirs:
+                retries += self._write_parts(os.path.join(d, task.name), parts, job.kwargs)
+            write_s = time.perf_counter() - t0
+            digests, hash_s = sums.result() if sums is not None else ([], 0.0)
+        finally:
+            for part in parts:
+                part.release()
+            whole.release()
+        return P.FileResult(task.name, task.nbytes, digests, write_s, hash_s, retries)
+
+    def _write_parts(self, path: str, parts: list[memoryview], kwargs: dict[str, Any]) -> int:
+        write_parts = getattr(self.writer, "write_parts", None)
+        if write_parts is None:
+            joined = memoryview(b"".join(parts))
+            return self._write_one(path, joined, kwargs)
+        return self._write_one(path, parts, kwargs, call=write_parts)
 
     def _write_state(self, job: P.WriteState) -> P.JobResult:
         import torch
@@ -442,6 +505,26 @@ def _checksums(data: memoryview, chunks: list[tuple[int, int]]) -> tuple[list[st
     out = []
     for off, n in chunks:
         with data[off: off + n] as piece:
+            out.append(xxhash.xxh3_64_hexdigest(piece))
+    return out, time.perf_counter() - t0
+
+
+def _gathered_checksums(parts: list[memoryview], chunks: list[tuple[int, int]]) -> tuple[list[str], float]:
+    """Checksums of ``chunks`` (file offset, nbytes) of the file that ``parts`` make in
+    order; a chunk lies within one part (zckpt.dcp makes one chunk per item)."""
+    import xxhash
+
+    t0 = time.perf_counter()
+    starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
+    out = []
+    for off, n in chunks:
+        if n == 0:
+            out.append(xxhash.xxh3_64_hexdigest(b""))
+            continue
+        i = bisect.bisect_right(starts, off) - 1
+        if not 0 <= i < len(parts) or off + n > starts[i + 1]:
+            raise ValueError(f"checksum range [{off}, {off + n}) does not lie within one part of the file")
+        with parts[i][off - starts[i]: off - starts[i] + n] as piece:
             out.append(xxhash.xxh3_64_hexdigest(piece))
     return out, time.perf_counter() - t0
 

@@ -1,0 +1,248 @@
+"""zckpt.dcp: the DCP storage writer/stager and reader (single process, and gloo ranks)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import dcp_cases
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from dist_cases import full, save_with
+from dist_helpers import run_ranks
+from torch.distributed.checkpoint.api import CheckpointException
+
+import zckpt
+from zckpt.dcp import RAW_BYTES_EXTENSION, ZckptReader, ZckptWriter
+
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
+
+FAST = zckpt.PoolConfig(num_workers=2, fsync=False, heartbeat_interval_s=0.2, heartbeat_liveness=5)
+
+
+def _state(step: int) -> dict:
+    base = full("w", (64, 33), step=step)
+    sd = {
+        "model": {"w": base, "tied": base, "t": base.t(),          # a tie and a transposed view
+                  "bf": full("bf", (17,), torch.bfloat16, step), "empty": torch.zeros(0, 3),
+                  "ints": full("i", (5,), step=step).to(torch.int64), "flag": torch.tensor([True, False])},
+        "optim": {"state": {0: {"exp": full("exp", (9, 2), step=step)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "lst": [full("lst", (3,), step=step), 4], "step": step, "nums": (1, 2.5, "x"),
+    }
+    return sd
+
+
+def _empty() -> dict:
+    return {
+        "model": {"w": torch.zeros(64, 33), "tied": torch.zeros(64, 33), "t": torch.zeros(33, 64),
+                  "bf": torch.zeros(17, dtype=torch.bfloat16), "empty": torch.ones(0, 3),
+                  "ints": torch.zeros(5, dtype=torch.int64), "flag": torch.zeros(2, dtype=torch.bool)},
+        "optim": {"state": {0: {"exp": torch.zeros(9, 2)}}, "param_groups": [{"lr": 0.0, "params": [0]}]},
+        "lst": [torch.zeros(3), 0], "step": -1, "nums": None,
+    }
+
+
+def _assert_equal(got: dict, want: dict, path: str = "") -> None:
+    for k, w in want.items():
+        g = got[k]
+        if isinstance(w, dict):
+            _assert_equal(g, w, f"{path}{k}.")
+        elif isinstance(w, torch.Tensor):
+            assert g.dtype == w.dtype and torch.equal(g, w), f"{path}{k}"
+        elif isinstance(w, list):
+            for i, (a, b) in enumerate(zip(g, w, strict=True)):
+                assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b, f"{path}{k}.{i}"
+        else:
+            assert g == w, f"{path}{k}"
+
+
+def _load(path: str) -> dict:
+    target = _empty()
+    dcp.load(target, storage_reader=ZckptReader(path), no_dist=True)
+    return target
+
+
+@pytest.fixture
+def writer():
+    w = ZckptWriter(config=FAST)
+    yield w
+    w.close()
+
+
+def test_save_and_async_save_round_trip(tmp_path, writer):
+    dcp.save(_state(1), checkpoint_id=str(tmp_path / "s1"), storage_writer=writer, no_dist=True)
+    sd = _state(2)
+    fut = dcp.async_save(sd, checkpoint_id=str(tmp_path / "s2"), storage_writer=writer, no_dist=True)
+    sd["model"]["w"].fill_(-1)            # the trainer goes on: the checkpoint holds step 2
+    sd["optim"]["state"][0]["exp"].fill_(-1)
+    sd["step"] = 99
+    fut.result(timeout=60)
+    _assert_equal(_load(str(tmp_path / "s1")), _state(1))
+    _assert_equal(_load(str(tmp_path / "s2")), _state(2))
+    assert zckpt.verify(tmp_path / "s2")["items"] > 0
+    assert zckpt.latest(tmp_path) == str(tmp_path / "s2")
+    # The tie was written once: both keys point at the same bytes.
+    items = {it["fqn"]: it for it in _manifest(tmp_path / "s2")["items"]}
+    assert (items["model.w"]["file"], items["model.w"]["at"]) == (items["model.tied"]["file"],
+                                                                  items["model.tied"]["at"])
+
+
+def _why(exc: BaseException) -> str:
+    """A DCP CheckpointException's text with each rank's own exception."""
+    failures = getattr(exc, "failures", {}) or {}
+    return " | ".join([str(exc)] + [f"{type(e[0]).__name__}: {e[0]}" for e in failures.values()])
+
+
+def _manifest(path) -> dict:
+    import json
+    with open(os.path.join(path, "manifest.json")) as f:
+        return json.load(f)["zckpt_manifest"]
+
+
+def test_second_save_allocates_nothing(tmp_path, writer):
+    for i in range(3):
+        dcp.async_save(_state(i), checkpoint_id=str(tmp_path / f"s{i}"), storage_writer=writer,
+                       no_dist=True).result(timeout=60)
+        if i == 0:
+            after_first = writer.pool._engine.arena.allocations
+    assert writer.pool._engine.arena.allocations == after_first
+
+
+def test_refuses_an_existing_path_and_keeps_it(tmp_path, writer):
+    dcp.save(_state(1), checkpoint_id=str(tmp_path / "s1"), storage_writer=writer, no_dist=True)
+    before = sorted(os.listdir(tmp_path / "s1"))
+    with pytest.raises(CheckpointException) as ei:
+        dcp.save(_state(2), checkpoint_id=str(tmp_path / "s1"), storage_writer=writer, no_dist=True)
+    assert "FileExistsError" in _why(ei.value) and "already exists" in _why(ei.value)
+    assert sorted(os.listdir(tmp_path / "s1")) == before
+    _assert_equal(_load(str(tmp_path / "s1")), _state(1))
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_a_damaged_item_is_named_not_loaded(tmp_path, writer):
+    dcp.save(_state(1), checkpoint_id=str(tmp_path / "s1"), storage_writer=writer, no_dist=True)
+    item = next(it for it in _manifest(tmp_path / "s1")["items"] if it["fqn"] == "model.bf")
+    name = _manifest(tmp_path / "s1")["files"][item["file"]]["name"]
+    with open(tmp_path / "s1" / name, "r+b") as f:
+        f.seek(item["at"] + 3)
+        b = f.read(1)
+        f.seek(item["at"] + 3)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(CheckpointException) as ei:
+        _load(str(tmp_path / "s1"))
+    assert "CorruptCheckpointError" in _why(ei.value) and "model.bf" in _why(ei.value)
+    with pytest.raises(zckpt.CorruptCheckpointError, match="model.bf"):
+        zckpt.verify(tmp_path / "s1")
+
+
+def test_dcp_filesystem_reader_reads_metadata_refuses_data(tmp_path, writer):
+    from torch.distributed.checkpoint import FileSystemReader
+    dcp.save(_state(1), checkpoint_id=str(tmp_path / "s1"), storage_writer=writer, no_dist=True)
+    md = FileSystemReader(str(tmp_path / "s1")).read_metadata()
+    assert md.state_dict_metadata["model.w"].size == torch.Size([64, 33])
+    with pytest.raises(CheckpointException) as ei:
+        dcp.load(_empty(), storage_reader=FileSystemReader(str(tmp_path / "s1")), no_dist=True)
+    assert RAW_BYTES_EXTENSION.split("/")[0] in _why(ei.value)
+
+
+def test_reader_loads_pool_checkpoints(tmp_path):
+    with zckpt.CheckpointPool(config=FAST) as pool:
+        pool.save(_state(3), tmp_path / "p3").result(timeout=60)
+    _assert_equal(_load(str(tmp_path / "p3")), _state(3))
+
+
+def test_writer_is_not_pickled_into_a_process(writer):
+    with pytest.raises(TypeError, match="thread executor"):
+        pickle.dumps(writer)
+
+
+def test_keep_last_applies(tmp_path):
+    with ZckptWriter(config=FAST.replace(keep_last=2)) as w:
+        for i in range(4):
+            dcp.async_save(_state(i), checkpoint_id=str(tmp_path / f"s{i}"), storage_writer=w,
+                           no_dist=True).result(timeout=60)
+    assert sorted(os.listdir(tmp_path)) == ["s2", "s3"]
+
+
+def test_killed_worker_costs_a_retry_not_the_save(tmp_path):
+    """A worker SIGKILLed while it writes: its file goes to the replacement (shard_retries)."""
+    import signal
+
+    from _writers import GateWriter
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cfg = FAST.replace(num_workers=1, shard_retries=1)
+    with zckpt.CheckpointPool(config=cfg, writer_factory=GateWriter, writer_kwargs={"gate_dir": str(gate)}) as pool, \
+            ZckptWriter(pool=pool) as w:
+        fut = dcp.async_save(_state(1), checkpoint_id=str(tmp_path / "ck" / "s1"), storage_writer=w, no_dist=True)
+        pid = pool.worker_pids[0]
+        dcp_cases_wait(gate / f"started-{pid}")
+        os.kill(pid, signal.SIGKILL)
+        (gate / "open").touch()
+        fut.result(timeout=60)
+    _assert_equal(_load(str(tmp_path / "ck" / "s1")), _state(1))
+
+
+def dcp_cases_wait(path, timeout: float = 30.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)   # polling cadence; the file decides
+
+
+# --- gloo ranks ------------------------------------------------------------------------------
+def test_ranks_round_trip_resharded(tmp_path):
+    res = run_ranks(2, dcp_cases.round_trip, str(tmp_path))
+    for r in (0, 1):
+        assert res[r]["bad_1"] == [] and res[r]["bad_2"] == [], res[r]
+    assert res[0]["latest"] == f"{tmp_path}/step-2"
+    assert res[0]["listing"] == ["step-1", "step-2"]
+
+
+def test_other_world_sizes_and_zckpt_distributed_checkpoints(tmp_path):
+    path = run_ranks(2, dcp_cases.save_at, str(tmp_path / "dcp"), 4)[0]
+    assert run_ranks(3, dcp_cases.load_at, path, 4, "S1") == {0: [], 1: [], 2: []}
+    # A checkpoint of zckpt.distributed, read through DCP at another world size.
+    zd_path = run_ranks(2, save_with, str(tmp_path / "zd"), None, ["S0"], 6)[0]
+    assert run_ranks(1, dcp_cases.load_at, zd_path, 6, "R") == {0: []}
+    # And at world size 1 with no process group at all.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dcp_cases.load_at.__doc__
+
+
+def test_fsdp2_state_through_async_save(tmp_path):
+    res = run_ranks(2, dcp_cases.fsdp2, str(tmp_path))
+    assert res[0]["bad"] == [] and res[1]["bad"] == []
+    assert res[0]["optim_leaves"] >= 12   # step, exp_avg, exp_avg_sq of 4 parameters, and the groups
+
+
+def test_ddp_state_written_once_loaded_at_world_size_one(tmp_path):
+    import torch.distributed.checkpoint.state_dict as dsd
+    res = run_ranks(2, dcp_cases.ddp, str(tmp_path))
+    # Replicated tensors are written by one rank each (DCP's dedup), spread over both.
+    assert any(f.startswith("__0_") for f in res[0]["files"]) and any(f.startswith("__1_") for f in res[0]["files"])
+    model = dcp_cases._model(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    dcp_cases._train(model, opt, 1, seed=7)
+    msd, osd = dsd.get_state_dict(model, opt)
+    target = {"model": msd, "optim": osd}
+    dcp.load(target, storage_reader=ZckptReader(f"{tmp_path}/ddp"), no_dist=True)
+    assert set(res[0]["model"]) == set(target["model"])
+    for k, (values, dtype) in res[0]["model"].items():
+        want = torch.tensor(values, dtype=getattr(torch, dtype.split(".")[1]))
+        assert torch.equal(target["model"][k], want), k
+
+
+def test_a_rank_failing_fails_the_save_everywhere(tmp_path):
+    res = run_ranks(2, dcp_cases.failure, str(tmp_path), timeout=200)
+    for r in (0, 1):
+        assert res[r]["failed"] and "simulated disk full" in res[r]["failed"], res[r]
+        assert not res[r]["step2_exists"]
+        assert res[r]["latest_after_failure"] == f"{tmp_path}/step-1"
+        assert res[r]["latest"] == f"{tmp_path}/step-3"
+        assert res[r]["leftovers"] == []
