@@ -218,3 +218,24 @@ class _Armed:
 
     def write_file(self, path: str, data: memoryview, **kw: Any) -> None:
         (self.bad if os.path.exists(self.marker) else self.good).write_file(path, data, **kw)
+
+
+def replicated_few(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Fewer replicated tensors than ranks: a rank with nothing to write, three times."""
+    import torch.distributed.checkpoint as dcp
+
+    import zckpt
+    out: dict[str, Any] = {}
+    with _writer(buffer_wait_timeout_s=10.0) as writer:
+        for step in (1, 2, 3):
+            dcp.async_save({"w": torch.full((4,), float(step))}, checkpoint_id=f"{root}/step-{step}",
+                           storage_writer=writer).result(timeout=60)
+        try:
+            dcp.save({"w": torch.ones(4)}, checkpoint_id=f"{root}/nocoll", storage_writer=writer,
+                     use_collectives=False)
+            out["no_collectives"] = "saved"
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            out["no_collectives"] = f"{type(exc).__name__}: {exc}"
+    torch.distributed.barrier()
+    out["latest"] = zckpt.latest(root)
+    return out

@@ -194,6 +194,105 @@ def dcp_cases_wait(path, timeout: float = 30.0) -> None:
         time.sleep(0.01)   # polling cadence; the file decides
 
 
+# --- saves that fail, and what the next one finds ---------------------------------------------
+QUICK = FAST.replace(buffer_wait_timeout_s=10.0, save_timeout_s=60.0)
+
+
+class Opaque:
+    """A value torch's restricted unpickler refuses (a class it does not know)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque)
+
+
+@pytest.mark.parametrize("how", ["existing_path", "unpicklable_value", "pickled_staging"])
+def test_a_failed_save_gives_its_staging_buffer_back(tmp_path, how):
+    """Whatever fails between stage() and write_data, the next save gets a buffer at once
+    (it waited buffer_wait_timeout_s, then failed, when the failed save kept it)."""
+    import time
+    with ZckptWriter(config=QUICK) as w:
+        dcp.async_save(_state(1), checkpoint_id=str(tmp_path / "s1"), storage_writer=w,
+                       no_dist=True).result(timeout=60)
+        if how == "existing_path":
+            with pytest.raises(CheckpointException):
+                dcp.async_save(_state(2), checkpoint_id=str(tmp_path / "s1"), storage_writer=w,
+                               no_dist=True).result(timeout=60)
+        elif how == "unpicklable_value":
+            sd = _state(2)
+            sd["fn"] = lambda: None               # DCP's torch.save of it fails in write_data
+            with pytest.raises(CheckpointException):
+                dcp.async_save(sd, checkpoint_id=str(tmp_path / "s2"), storage_writer=w,
+                               no_dist=True).result(timeout=60)
+        else:   # what DCP's process executor does with a staged state dict
+            with pytest.raises(TypeError, match="thread executor"):
+                pickle.dumps(w.stage(_state(2)))
+        t0 = time.monotonic()
+        dcp.async_save(_state(3), checkpoint_id=str(tmp_path / "s3"), storage_writer=w,
+                       no_dist=True).result(timeout=60)
+        assert time.monotonic() - t0 < QUICK.buffer_wait_timeout_s
+    _assert_equal(_load(str(tmp_path / "s3")), _state(3))
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_saves_in_flight_commit_in_call_order(tmp_path):
+    """The first save has many items (slow to plan and write), the second few: the second
+    waits for the first to commit, so latest() and keep_last see them in call order."""
+    first = {f"p{i}": torch.full((4,), float(i)) for i in range(5000)}
+    with ZckptWriter(config=QUICK.replace(staging_buffers=2, keep_last=1)) as w:
+        f1 = dcp.async_save(first, checkpoint_id=str(tmp_path / "step-0"), storage_writer=w, no_dist=True)
+        f2 = dcp.async_save({"a": torch.ones(3)}, checkpoint_id=str(tmp_path / "step-1"), storage_writer=w,
+                            no_dist=True)
+        f1.result(timeout=120)
+        f2.result(timeout=120)
+    assert os.listdir(tmp_path) == ["step-1"]
+    assert zckpt.latest(tmp_path) == str(tmp_path / "step-1")
+
+
+def test_tensors_in_tuples_are_saved_alone(tmp_path, writer):
+    """DCP torch.saves a tuple whole: a staged view there must not drag the arena along."""
+    sd = {"big": torch.randn(1 << 20), "pair": (torch.ones(2), 3)}
+    dcp.async_save(sd, checkpoint_id=str(tmp_path / "a"), storage_writer=writer, no_dist=True).result(timeout=60)
+    on_disk = sum(os.path.getsize(tmp_path / "a" / n) for n in os.listdir(tmp_path / "a"))
+    assert on_disk < 1.2 * (4 << 20)
+    target = {"big": torch.zeros(1 << 20), "pair": None}
+    dcp.load(target, storage_reader=ZckptReader(str(tmp_path / "a")), no_dist=True)
+    assert torch.equal(target["big"], sd["big"]) and torch.equal(target["pair"][0], torch.ones(2))
+    assert target["pair"][0].untyped_storage().nbytes() == 8
+
+
+def test_plan_caching_is_refused_clearly(tmp_path, writer):
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    dcp.save(_state(1), checkpoint_id=str(tmp_path / "s1"), storage_writer=writer, planner=planner, no_dist=True)
+    with pytest.raises(CheckpointException) as ei:
+        dcp.save(_state(1), checkpoint_id=str(tmp_path / "s2"), storage_writer=writer, planner=planner,
+                 no_dist=True)
+    assert "plan caching" in _why(ei.value)
+    assert not os.path.exists(tmp_path / "s2")
+
+
+def test_non_tensor_values_load_only_if_the_restricted_unpickler_takes_them(tmp_path, writer):
+    sd = {"w": torch.ones(2), "thing": Opaque()}
+    dcp.save(sd, checkpoint_id=str(tmp_path / "s"), storage_writer=writer, no_dist=True)
+    with pytest.raises(CheckpointException) as ei:
+        dcp.load({"w": torch.zeros(2), "thing": None}, storage_reader=ZckptReader(str(tmp_path / "s")),
+                 no_dist=True)
+    assert "weights_only=False" in _why(ei.value)
+    target = {"w": torch.zeros(2), "thing": None}
+    dcp.load(target, storage_reader=ZckptReader(str(tmp_path / "s"), weights_only=False), no_dist=True)
+    assert target["thing"] == Opaque()
+
+
+def test_zckpt_load_names_the_dcp_reader_and_inspect_reads_it(tmp_path, writer, capsys):
+    from zckpt.cli import main
+    dcp.save(_state(1), checkpoint_id=str(tmp_path / "s"), storage_writer=writer, no_dist=True)
+    with pytest.raises(zckpt.CorruptCheckpointError, match="ZckptReader"):
+        zckpt.load(tmp_path / "s")
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.checkpoint" in out and "model.w" in out
+
+
 # --- gloo ranks ------------------------------------------------------------------------------
 def test_ranks_round_trip_resharded(tmp_path):
     res = run_ranks(2, dcp_cases.round_trip, str(tmp_path))
@@ -236,6 +335,16 @@ def test_ddp_state_written_once_loaded_at_world_size_one(tmp_path):
     for k, (values, dtype) in res[0]["model"].items():
         want = torch.tensor(values, dtype=getattr(torch, dtype.split(".")[1]))
         assert torch.equal(target["model"][k], want), k
+
+
+def test_ranks_with_nothing_to_write_and_no_collectives(tmp_path):
+    """One replicated tensor at 2 ranks: DCP gives one rank nothing to write; its staging
+    goes back all the same (three saves in a row). use_collectives=False is refused."""
+    res = run_ranks(2, dcp_cases.replicated_few, str(tmp_path))
+    for r in (0, 1):
+        assert res[r]["latest"] == f"{tmp_path}/step-3", res[r]
+        assert "use_collectives" in res[r]["no_collectives"], res[r]
+    assert not os.path.exists(f"{tmp_path}/nocoll")
 
 
 def test_a_rank_failing_fails_the_save_everywhere(tmp_path):

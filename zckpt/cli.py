@@ -16,7 +16,7 @@ import sys
 from . import s3
 from .commit import latest
 from .errors import CorruptCheckpointError
-from .manifest import read_manifest
+from .manifest import DcpManifest, read_any_manifest, read_manifest
 
 
 def _human(n: float) -> str:
@@ -27,7 +27,32 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _inspect_dcp(path: str, m: DcpManifest) -> int:
+    print(f"{path}: written through torch.distributed.checkpoint (zckpt.dcp, format v{m.version}), "
+          f"{len(m.entries)} keys, {len(m.items)} items, {_human(m.nbytes)} in {len(m.files)} files, "
+          f"checksum {m.checksum}, torch {m.torch_version or '?'}")
+    print("\nfiles:")
+    for f in m.files:
+        print(f"  {f.name:<40} {_human(f.nbytes):>10}  rank {f.rank}")
+    print("\nkeys:")
+    chunks: dict[str, list[str]] = {}
+    for it in m.items:
+        chunks.setdefault(it.fqn, []).append(f"{m.files[it.file].name}@{it.at}")
+    for fqn, e in m.entries.items():
+        where = ", ".join(chunks.get(fqn, [])) or "(empty)"
+        if e is None:
+            print(f"  {fqn:<40} {'object':<14} {'':<16} {where}")
+        else:
+            shape = "x".join(map(str, e.size)) or "scalar"
+            print(f"  {fqn:<40} {e.dtype:<14} {shape:<16} {len(e.chunks)} chunk(s)  {where}")
+    return 0
+
+
 def _inspect(path: str) -> int:
+    if not s3.is_url(path):
+        any_m = read_any_manifest(path)
+        if isinstance(any_m, DcpManifest):
+            return _inspect_dcp(path, any_m)
     m = s3.read_manifest(path) if s3.is_url(path) else read_manifest(path)
     files = m.files
     print(f"{path}: zckpt format v{m.version}, {len(m.tensors)} tensors in "

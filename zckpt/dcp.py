@@ -46,22 +46,33 @@ them. Load with :class:`ZckptReader`, which also reads checkpoints written by
 :class:`zckpt.CheckpointPool` and :mod:`zckpt.distributed`: DCP reshards all of them
 (any world size, any placement).
 
-Trust: :class:`ZckptReader` reads ``manifest.json`` (JSON, sealed with a checksum) and
-never unpickles ``.metadata``. A non-tensor item is handed to DCP's load planner, which
-``torch.load``\\ s it as DCP always does; its bytes are checked against the manifest
-first. Checkpoints written by the pool load their non-tensor values with
-``weights_only=True``.
+Trust: :class:`ZckptReader` reads ``manifest.json`` (JSON, sealed with a checksum: that
+proves the bytes are the ones written, not that their writer was honest) and never
+unpickles ``.metadata``. A non-tensor item goes to DCP's load planner, which unpickles it
+with ``torch.load(weights_only=False)``; so the reader first checks that torch's
+restricted unpickler accepts it (``ZckptReader(path, weights_only=False)`` skips that,
+for checkpoints you trust). Checkpoints written by the pool load their non-tensor values
+with ``weights_only=True``.
+
+Several ranks with two saves in flight (``staging_buffers=2``): DCP runs each save's
+collectives on its own thread, so two saves at once on one process group can deadlock
+(DCP's rule, not zckpt's): give ``dcp.async_save`` a separate ``process_group`` per save in
+flight, or call ``result()`` before the next one. Saves commit in the order they were
+called either way.
 
 Limits: DCP's process executor (``AsyncCheckpointerType.PROCESS``) would pickle the
 writer into another process: refused with ``TypeError`` (use the default thread
 executor: the writing happens in zckpt's workers anyway). ``ShardedTensor`` is not
 staged (use DTensor). ``planner_data`` must be JSON data (the default planner's is).
+DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) and
+``use_collectives=False`` across ranks are refused. The pool's ``mirrors`` do not apply.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import io
 import logging
 import math
@@ -69,6 +80,7 @@ import os
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future as PyFuture
 from dataclasses import dataclass
@@ -161,7 +173,13 @@ class ItemLocation:
 
 # --- staging -------------------------------------------------------------------------------------
 class _Staged:
-    """One arena buffer set holding one save's staged tensors, until its items are written."""
+    """One arena buffer set holding one save's staged tensors, until its items are written.
+
+    Released (once) when that save's ``write_data`` is done with it; or, when the save
+    never gets there (planning failed on some rank, DCP's process executor, an error
+    between ``stage`` and ``write_data``), when the thread that claimed it in ``reset``
+    has ended, or when the staged tensors are garbage (see ``ZckptWriter._sweep``).
+    """
 
     def __init__(self, arena: Arena, bufset: BufferSet, nbytes: int) -> None:
         self.arena, self.bufset, self.nbytes = arena, bufset, nbytes
@@ -169,6 +187,9 @@ class _Staged:
         self.base = self.segment.tensor.data_ptr()
         self._lock = threading.Lock()
         self.released = False
+        self.ticket = -1                                  # the save's place in call order
+        self.stage_thread: threading.Thread | None = None
+        self.claimed_by: threading.Thread | None = None   # the thread running its DCP save
 
     def locate(self, t: torch.Tensor) -> int | None:
         """The byte offset of ``t``'s data in this set, if ``t`` is contiguous in it."""
@@ -188,12 +209,12 @@ class _Staged:
         self.arena.release(self.bufset)
 
 
-def _stage_tensors(tensors: list[torch.Tensor], arena: Arena, timeout_s: float
+def _stage_tensors(tensors: list[torch.Tensor], arena: Arena, acquire: Callable[[int, bool], BufferSet]
                    ) -> tuple[_Staged | None, list[torch.Tensor]]:
     """Copy ``tensors`` into one arena buffer set; return it and the contiguous copies.
 
     Blocks for the copy (device-to-host copies are waited for) and, before it, for a free
-    buffer set (at most ``timeout_s``).
+    buffer set (``acquire(nbytes, pin)``, which bounds the wait).
     """
     offsets, total = [], 0
     for t in tensors:
@@ -206,7 +227,7 @@ def _stage_tensors(tensors: list[torch.Tensor], arena: Arena, timeout_s: float
     if total == 0:
         return None, [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
     on_device = any(t.device.type != "cpu" for t in tensors)
-    bufset = arena.acquire([total], timeout_s, pin=on_device)
+    bufset = acquire(total, on_device)
     staged = _Staged(arena, bufset, total)
     try:
         out = []
@@ -259,34 +280,64 @@ def _collect(obj: Any, found: dict[int, torch.Tensor]) -> None:
             _collect(v, found)
 
 
-def _rebuild_staged(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
+class _StagedStateDict(dict):
+    """The state dict :meth:`ZckptWriter.stage` returns: views of shared memory that must
+    not travel to another process (DCP's process executor would pickle it)."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a state dict staged by ZckptWriter cannot be pickled into another process: use DCP's "
+                        "default thread executor (AsyncCheckpointerType.THREAD); zckpt writes in its own "
+                        "processes anyway")
+
+
+def _rebuild_staged(obj: Any, copies: dict[int, torch.Tensor], in_leaf: bool = False) -> Any:
     """``obj`` with every tensor replaced by its staged copy (DTensors keep their spec);
-    other values deep-copied, so the trainer may change them once staging returns."""
+    other values deep-copied, so the trainer may change them once staging returns.
+
+    ``in_leaf``: inside a tuple, which DCP saves whole with ``torch.save``: a view there
+    would drag the whole arena segment into the file, so those tensors are cloned.
+    """
     from torch.distributed.tensor import DTensor
     if isinstance(obj, DTensor):
-        return DTensor(copies[id(obj._local_tensor)], obj._spec, requires_grad=obj.requires_grad)
+        local = copies[id(obj._local_tensor)]
+        return DTensor(local.clone() if in_leaf else local, obj._spec, requires_grad=obj.requires_grad)
     if isinstance(obj, torch.Tensor):
-        t = copies[id(obj)]
+        t = copies[id(obj)].clone() if in_leaf else copies[id(obj)]
         return t.requires_grad_(obj.requires_grad) if obj.requires_grad and t.is_floating_point() else t
     if isinstance(obj, Mapping):
         out = copy.copy(obj)
         for k, v in obj.items():
-            out[k] = _rebuild_staged(v, copies)  # type: ignore[index]
+            out[k] = _rebuild_staged(v, copies, in_leaf)  # type: ignore[index]
         return out
     if isinstance(obj, list):
-        return [_rebuild_staged(v, copies) for v in obj]
+        return [_rebuild_staged(v, copies, in_leaf) for v in obj]
     if isinstance(obj, tuple):
-        values = [_rebuild_staged(v, copies) for v in obj]
+        values = [_rebuild_staged(v, copies, True) for v in obj]
         return type(obj)._make(values) if hasattr(type(obj), "_fields") else type(obj)(values)  # type: ignore[attr-defined]
     return copy.deepcopy(obj)
+
+
+class _Keeper:
+    """Referenced by every tensor of one staging: dies with the last of them."""
+
+
+def _abandoned(writer_ref: Callable[[], ZckptWriter | None], ticket: int, staged: _Staged) -> None:
+    """The staged tensors of a save are garbage: that save is over, whatever became of it."""
+    writer = writer_ref()
+    if writer is not None:
+        writer._end(ticket, staged)
+    else:
+        staged.release()
 
 
 # --- the writer ----------------------------------------------------------------------------------
 class _SaveContext:
     """What one save (one thread of DCP's) needs between reset() and finish()."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, ticket: int, staged: _Staged | None) -> None:
         self.path = path
+        self.ticket = ticket                # this save's place in call order (commits keep it)
+        self.staged = staged                # the buffer set stage() filled for it, if any
         self.rank = 0
         self.is_coordinator = True
         self.tmp_dir: str | None = None
@@ -342,9 +393,15 @@ class ZckptWriter(StorageWriter, AsyncStager):
         self._owns_pool = pool is None
         self._config = config
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)   # a save ended (see _wait_for_earlier)
         self._staged: list[_Staged] = []          # staged by stage(), not yet written
         self._local = threading.local()           # this thread's _SaveContext
         self._leftovers: dict[str, threading.Thread] = {}   # temp dirs made, not yet committed
+        self._next_ticket = 0
+        # Saves in flight: ticket -> the thread running its DCP save (None: staged, its
+        # save not started yet). A commit waits for the earlier ones, so that commit
+        # records (latest(), keep_last) follow the order of the calls.
+        self._inflight: dict[int, threading.Thread | None] = {}
         self._swept: set[str] = set()
         self._closed = False
 
@@ -377,8 +434,8 @@ class ZckptWriter(StorageWriter, AsyncStager):
             staged, self._staged = self._staged, []
             leftovers, self._leftovers = dict(self._leftovers), {}
             pool = self._pool if self._owns_pool else None
-        for s in staged:
-            s.release()
+        for st in staged:
+            st.release()
         for tmp in leftovers:
             discard(tmp)
         if pool is not None:
@@ -399,15 +456,81 @@ class ZckptWriter(StorageWriter, AsyncStager):
         """
         pool = self.pool
         engine = pool._engine
+        self._sweep(new_save=True)
         with engine.entered("ZckptWriter.stage"):
             engine.check_open()
             found: dict[int, torch.Tensor] = {}
             _collect(state_dict, found)
-            staged, copies = _stage_tensors(list(found.values()), engine.arena, pool.config.buffer_wait_timeout_s)
+            staged, copies = _stage_tensors(list(found.values()), engine.arena, self._acquirer(pool))
+        if staged is None:   # no tensor bytes: the save takes its place in reset()
+            return _StagedStateDict(_rebuild_staged(state_dict, dict(zip(found, copies, strict=True))))
+        with self._lock:
+            ticket = self._new_ticket(None)
+            staged.ticket, staged.stage_thread = ticket, threading.current_thread()
+            self._staged.append(staged)
+        try:
+            out = _StagedStateDict(_rebuild_staged(state_dict, dict(zip(found, copies, strict=True))))
+        except BaseException:
+            self._end(ticket, staged)
+            raise
+        # When every staged tensor is garbage, the save that was to write them is over (or
+        # never started: DCP's process executor, an error before its thread ran): the
+        # buffer set goes back (see _Staged).
+        keeper = _Keeper()
+        for c in copies:
+            c._zckpt_keeper = keeper  # type: ignore[attr-defined]
+        weakref.finalize(keeper, _abandoned, weakref.ref(self), ticket, staged)
+        return out
+
+    # --- bookkeeping of saves in flight ----------------------------------------------------
+    def _new_ticket(self, thread: threading.Thread | None) -> int:
+        """(Lock held.) A place in call order for a new save."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._inflight[ticket] = thread
+        return ticket
+
+    def _end(self, ticket: int, staged: _Staged | None) -> None:
+        """A save is over (committed, failed or abandoned): free its buffers, let later commits go."""
         if staged is not None:
-            with self._lock:
-                self._staged.append(staged)
-        return _rebuild_staged(state_dict, dict(zip(found, copies, strict=True)))
+            staged.release()
+        with self._lock:
+            if staged is not None and staged in self._staged:
+                self._staged.remove(staged)
+            self._inflight.pop(ticket, None)
+            self._changed.notify_all()
+
+    def _sweep(self, new_save: bool) -> None:
+        """End the saves whose DCP thread has ended without finishing them (a rank failed
+        in planning, another rank's write failed, ...): DCP tells a storage writer none of
+        this. ``new_save``: the calling thread starts a new save, so any save it ran before
+        is over too (``dcp.save`` on the trainer's thread)."""
+        me = threading.current_thread()
+        with self._lock:
+            over = [t for t, th in self._inflight.items()
+                    if th is not None and (not th.is_alive() or (new_save and th is me))]
+            sets = {s.ticket: s for s in self._staged if s.ticket in over}
+        for t in over:
+            self._end(t, sets.get(t))
+
+    def _acquirer(self, pool: CheckpointPool) -> Callable[[int, bool], BufferSet]:
+        """``acquire(nbytes, pin)`` that, while it waits for a buffer set, ends the saves that
+        are over (see _sweep) and collects garbage (a dead save's staged tensors may sit in
+        a reference cycle of its exception's traceback). Bounded by buffer_wait_timeout_s."""
+        arena, timeout_s = pool._engine.arena, pool.config.buffer_wait_timeout_s
+
+        def acquire(nbytes: int, pin: bool) -> BufferSet:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    return arena.acquire([nbytes], min(left, 0.5) if left > 0 else 0.0, pin=pin)
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
+                self._sweep(new_save=False)
+                gc.collect()
+        return acquire
 
     def synchronize_staging(self) -> None:
         """Nothing to wait for: :meth:`stage` returns once the copy is done."""
@@ -417,7 +540,22 @@ class ZckptWriter(StorageWriter, AsyncStager):
         path = os.fspath(checkpoint_id) if checkpoint_id is not None else self.path
         if path is None:
             raise ValueError("ZckptWriter has no path: pass ZckptWriter(path) or dcp.save(..., checkpoint_id=path)")
-        self._local.ctx = _SaveContext(os.path.abspath(path))
+        self._sweep(new_save=True)
+        me = threading.current_thread()
+        with self._lock:
+            if self._closed:
+                raise ZckptError("this ZckptWriter is closed (close() it after the last save's result())")
+            # dcp.async_save stages on the trainer's thread, then runs the save on a thread
+            # of its own: that thread takes the oldest staging nobody has taken. dcp.save
+            # runs on the trainer's thread and stages in write_data.
+            staged = next((st for st in self._staged if st.claimed_by is None and st.stage_thread is not me), None)
+            if staged is not None:
+                staged.claimed_by = me
+                ticket = staged.ticket
+                self._inflight[ticket] = me
+            else:
+                ticket = self._new_ticket(me)
+        self._local.ctx = _SaveContext(os.path.abspath(path), ticket, staged)
 
     def _ctx(self) -> _SaveContext:
         ctx = getattr(self._local, "ctx", None)
@@ -436,6 +574,10 @@ class ZckptWriter(StorageWriter, AsyncStager):
         ctx = self._ctx()
         ctx.is_coordinator = is_coordinator
         ctx.rank = int(kwargs.get("rank", 0) or 0)
+        if kwargs.get("use_collectives") is False and _world_size() > 1:
+            # Each rank would plan and commit alone: half a checkpoint at the path.
+            raise ValueError("ZckptWriter needs DCP's collectives across ranks (use_collectives=True): one "
+                             "commit covers every rank's files")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -443,6 +585,8 @@ class ZckptWriter(StorageWriter, AsyncStager):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator makes the temp directory every rank writes into."""
         ctx = self._ctx()
+        if self._closed:
+            raise ZckptError("this ZckptWriter is closed (close() it after the last save's result())")
         final = ctx.path
         if os.path.lexists(final):
             raise FileExistsError(f"{final}: a checkpoint (or another file) already exists there; "
@@ -475,9 +619,27 @@ class ZckptWriter(StorageWriter, AsyncStager):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Have the pool's workers write this rank's items; block until they are durable."""
         ctx = self._ctx()
+        done = False
+        try:
+            results = self._write_data(ctx, plan, planner)
+            done = True
+        finally:
+            if ctx.staged is not None:   # the workers are done with it, whatever happened
+                ctx.staged.release()
+            if not done or not ctx.is_coordinator:   # else the save ends in finish()
+                self._end(ctx.ticket, ctx.staged)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_data(self, ctx: _SaveContext, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         if not isinstance(plan.storage_data, _PlanData):
             raise RuntimeError("ZckptWriter.write_data: the plan does not come from ZckptWriter.prepare_global_plan")
         tmp_dir = plan.storage_data.tmp_dir
+        if os.path.dirname(tmp_dir) != os.path.dirname(ctx.path) or \
+                not os.path.basename(tmp_dir).startswith(os.path.basename(ctx.path) + ".tmp-"):
+            raise RuntimeError(f"ZckptWriter: this save of {ctx.path} was handed the plan of another save "
+                               f"({tmp_dir}): DCP's plan caching (enable_plan_caching) is not supported")
         pool = self.pool
         tensor_items: list[tuple[WriteItem, torch.Tensor]] = []
         byte_items: list[tuple[WriteItem, bytes]] = []
@@ -486,20 +648,23 @@ class ZckptWriter(StorageWriter, AsyncStager):
             if item.type == WriteItemType.BYTE_IO:
                 byte_items.append((item, cast(io.BytesIO, data).getvalue()))
             else:
-                tensor_items.append((item, cast(torch.Tensor, data).detach()))
-        located, extra, held = self._locate(tensor_items)
+                t = cast(torch.Tensor, data).detach()
+                if t.layout != torch.strided or t.is_quantized or t.is_nested:
+                    raise TypeError(f"ZckptWriter cannot save {item.index.fqn!r}: a {t.layout} "
+                                    f"{'quantized ' if t.is_quantized else ''}tensor (dense strided tensors only)")
+                tensor_items.append((item, t))
+        located, extra = self._locate(ctx.staged, tensor_items)
         own: _Staged | None = None
         try:
-            if extra and not held:
-                # dcp.save (no stage() call), or tensors the planner made: stage them now,
-                # a tensor saved under several names once.
+            if extra and ctx.staged is None:
+                # dcp.save (no stage() call): stage now, a tensor saved under several names once.
                 distinct: dict[tuple[Any, ...], int] = {}
                 firsts: list[torch.Tensor] = []
                 for _, t in extra:
                     if _memory_key(t) not in distinct:
                         distinct[_memory_key(t)] = len(firsts)
                         firsts.append(t)
-                own, copies = _stage_tensors(firsts, pool._engine.arena, pool.config.buffer_wait_timeout_s)
+                own, copies = _stage_tensors(firsts, pool._engine.arena, self._acquirer(pool))
                 for item, t in extra:
                     c = copies[distinct[_memory_key(t)]]
                     if own is not None and c.numel() > 0:
@@ -509,35 +674,24 @@ class ZckptWriter(StorageWriter, AsyncStager):
             else:
                 # A stage()d save whose planner made new tensors: rare and small; written as bytes here.
                 byte_items += [(item, _tensor_bytes(t)) for item, t in extra]
-            results = self._write(pool, ctx.rank, tmp_dir, located, byte_items)
+            return self._write(pool, ctx.rank, tmp_dir, located, byte_items)
         finally:
-            for s in held | ({own} if own is not None else set()):
-                s.release()
-                with self._lock:
-                    if s in self._staged:
-                        self._staged.remove(s)
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+            if own is not None:
+                own.release()
 
-    def _locate(self, items: list[tuple[WriteItem, torch.Tensor]]
-                ) -> tuple[list[tuple[WriteItem, _Staged, int | None]], list[tuple[WriteItem, torch.Tensor]],
-                           set[_Staged]]:
-        with self._lock:
-            staged = list(self._staged)
+    @staticmethod
+    def _locate(staged: _Staged | None, items: list[tuple[WriteItem, torch.Tensor]]
+                ) -> tuple[list[tuple[WriteItem, _Staged, int | None]], list[tuple[WriteItem, torch.Tensor]]]:
+        """Split the tensor items into those staged in this save's buffer set and the rest."""
         located: list[tuple[WriteItem, _Staged, int | None]] = []
         extra: list[tuple[WriteItem, torch.Tensor]] = []
-        held: set[_Staged] = set()
         for item, t in items:
-            for s in staged:
-                off = s.locate(t) if t.numel() > 0 else None
-                if off is not None:
-                    located.append((item, s, off))
-                    held.add(s)
-                    break
+            off = staged.locate(t) if staged is not None and t.numel() > 0 else None
+            if staged is not None and off is not None:
+                located.append((item, staged, off))
             else:
                 extra.append((item, t))
-        return located, extra, held
+        return located, extra
 
     def _write(self, pool: CheckpointPool, rank: int, tmp_dir: str,
                located: list[tuple[WriteItem, _Staged, int | None]],
@@ -618,8 +772,33 @@ class ZckptWriter(StorageWriter, AsyncStager):
         return out
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """The coordinator commits: ``.metadata`` and ``manifest.json``, fsync, rename."""
+        """The coordinator commits: ``.metadata`` and ``manifest.json``, fsync, rename;
+        after the saves called before this one have committed or failed."""
         ctx = self._ctx()
+        try:
+            self._wait_for_earlier(ctx.ticket)
+            self._commit(ctx, metadata, results)
+        finally:
+            self._end(ctx.ticket, ctx.staged)
+
+    def _wait_for_earlier(self, ticket: int) -> None:
+        """Block until no save called before this one is in flight (at most save_timeout_s):
+        two saves in flight (staging_buffers=2) commit in the order they were called, so
+        latest() and keep_last see them in that order."""
+        deadline = time.monotonic() + self.pool.config.save_timeout_s
+        while True:
+            with self._lock:
+                earlier = [t for t in self._inflight if t < ticket]
+                if not earlier:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the saves called before this one ({len(earlier)}) did not end within "
+                                       "save_timeout_s: this one is not committed behind their back")
+                self._changed.wait(min(left, 0.5))
+            self._sweep(new_save=False)
+
+    def _commit(self, ctx: _SaveContext, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert ctx.tmp_dir is not None, "finish() on a rank that did not plan the save"
         pool = self.pool
         cfg = pool.config
@@ -655,6 +834,11 @@ class ZckptWriter(StorageWriter, AsyncStager):
                 apply_retention(os.path.dirname(ctx.path), cfg.keep_last, protect=ctx.path)
             except OSError as exc:   # housekeeping: the save is committed
                 logger.warning("retention under %s failed: %s", os.path.dirname(ctx.path), exc)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _memory_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -794,9 +978,10 @@ class ZckptReader(StorageReader):
             ``weights_only=True`` refuses.
     """
 
-    def __init__(self, path: PathLike | None = None) -> None:
+    def __init__(self, path: PathLike | None = None, *, weights_only: bool = True) -> None:
         super().__init__()
         self.path = os.fspath(path) if path is not None else None
+        self.weights_only = weights_only
         self._source: _DcpSource | _PoolSource | None = None
         self.storage_data: dict[MetadataIndex, Any] = {}
 
@@ -818,7 +1003,8 @@ class ZckptReader(StorageReader):
             if self.path is None:
                 raise ValueError("ZckptReader has no path: pass ZckptReader(path) or checkpoint_id=path")
             m = read_any_manifest(self.path)
-            self._source = _DcpSource(self.path, m) if isinstance(m, DcpManifest) else _PoolSource(self.path, m)
+            self._source = _DcpSource(self.path, m, self.weights_only) if isinstance(m, DcpManifest) \
+                else _PoolSource(self.path, m)
         return self._source
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -860,8 +1046,8 @@ def _load_bytes(req: ReadItem, planner: LoadPlanner, data: bytes) -> None:
 class _DcpSource:
     """A checkpoint written through ZckptWriter: items at byte ranges of its files."""
 
-    def __init__(self, directory: str, m: DcpManifest) -> None:
-        self.directory, self.m = directory, m
+    def __init__(self, directory: str, m: DcpManifest, weights_only: bool) -> None:
+        self.directory, self.m, self.weights_only = directory, m, weights_only
         storage: dict[MetadataIndex, Any] = {}
         for i, it in enumerate(m.items):
             storage[MetadataIndex(it.fqn, it.offset)] = i
@@ -907,7 +1093,10 @@ class _DcpSource:
                 for req in by_item[i]:
                     if req.type == LoadItemType.BYTE_IO or entry is None:
                         with _writable_view(buf) as raw:
-                            _load_bytes(req, planner, raw.tobytes())
+                            data = raw.tobytes()
+                        if self.weights_only:
+                            _check_weights_only(data, it.fqn, fname)
+                        _load_bytes(req, planner, data)
                         continue
                     _copy_into(req, planner, self._tensor(it, entry, buf, fname))
         finally:
@@ -923,6 +1112,18 @@ class _DcpSource:
             raise CorruptCheckpointError(f"{fname}: item {it.fqn!r} holds {it.nbytes} bytes, its chunk "
                                          f"{list(sizes)} of {entry.dtype} needs {math.prod(sizes) * dtype.itemsize}")
         return buf.view(dtype).view(sizes) if it.nbytes else torch.empty(sizes, dtype=dtype)
+
+
+def _check_weights_only(data: bytes, fqn: str, fname: str) -> None:
+    """DCP's load planner unpickles a non-tensor item with ``torch.load(weights_only=False)``:
+    first make sure torch's restricted unpickler accepts it (a checksum proves the bytes
+    are the ones written, not that whoever wrote them was honest)."""
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(
+            f"{fname}: item {fqn!r} holds a type weights_only=True refuses ({exc}); load with "
+            "ZckptReader(path, weights_only=False) only if you trust where this checkpoint came from") from exc
 
 
 def _planner_data(data: Any) -> Any:

@@ -483,6 +483,11 @@ def parse_manifest(body: Any, where: str) -> Manifest:
     c = _Checker(where)
     if not isinstance(body, dict):
         raise c.bad("the body", "must be an object")
+    if body.get("format") == DCP_FORMAT_NAME:
+        raise CorruptCheckpointError(f"{where}: a checkpoint written through torch.distributed.checkpoint "
+                                     "(zckpt.dcp), not a corrupt one: load it with dcp.load(state_dict, "
+                                     "storage_reader=zckpt.dcp.ZckptReader(path)); zckpt.verify and "
+                                     "zckpt inspect read it too")
     if body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{where}: not a zckpt manifest (format={body.get('format')!r})")
     version = body.get("version")
