@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["fsync_fd"]
+__all__ = ["fsync_fd", "write_new_file"]
 
 
 def fsync_fd(fd: int, path: str, *, data_only: bool = False) -> None:
@@ -30,3 +30,16 @@ def fsync_fd(fd: int, path: str, *, data_only: bool = False) -> None:
         name = errno.errorcode.get(code, str(code))
         raise OSError(code, f"{call} of {path} failed with {name} ({os.strerror(code)}); what was written there "
                             "may be lost, so it is discarded, not retried", path) from exc
+
+
+def write_new_file(path: str, data: bytes, *, fsync: bool) -> None:
+    """Create ``path`` (it must not exist), write all of ``data``, and fsync it (``fsync``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            fsync_fd(fd, path)
+    finally:
+        os.close(fd)

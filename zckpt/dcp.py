@@ -939,23 +939,13 @@ def _write_dcp_metadata(tmp_dir: str, metadata: Metadata, results: list[list[Wri
     DCP's own record naming zckpt's raw-bytes extension (see the module docstring)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from ._sync import fsync_fd
+    from ._sync import write_new_file
     storage = {}
     for wr in (w for rank_results in results for w in rank_results):
         loc = wr.storage_data
         storage[wr.index] = _StorageInfo(loc.file, loc.at, loc.nbytes, transform_descriptors=[RAW_BYTES_EXTENSION])
     md = dataclasses.replace(metadata, storage_data=storage)
-    path = os.path.join(tmp_dir, ".metadata")
-    data = pickle.dumps(md)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            fsync_fd(fd, path)
-    finally:
-        os.close(fd)
+    write_new_file(os.path.join(tmp_dir, ".metadata"), pickle.dumps(md), fsync=fsync)
 
 
 # --- the reader ----------------------------------------------------------------------------------

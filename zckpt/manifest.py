@@ -42,7 +42,7 @@ from typing import Any
 
 import xxhash
 
-from ._sync import fsync_fd
+from ._sync import write_new_file
 from .errors import CorruptCheckpointError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERSIONS", "MANIFEST_NAME", "COMMIT_KEY",
@@ -342,17 +342,8 @@ def _canonical(body: dict[str, Any]) -> bytes:
 def write_manifest(directory: str, body: dict[str, Any], *, fsync: bool) -> None:
     """Write ``manifest.json`` (body plus a checksum of it) and make it durable."""
     doc = {"zckpt_manifest": body, "xxh3_64": checksum_hex(_canonical(body))}
-    data = json.dumps(doc, separators=(",", ":")).encode()
-    path = os.path.join(directory, MANIFEST_NAME)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            fsync_fd(fd, path)
-    finally:
-        os.close(fd)
+    write_new_file(os.path.join(directory, MANIFEST_NAME), json.dumps(doc, separators=(",", ":")).encode(),
+                   fsync=fsync)
 
 
 # --- reading ------------------------------------------------------------------------------------

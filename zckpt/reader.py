@@ -182,16 +182,21 @@ def _check_files(directory: str, m: Manifest) -> list[str]:
     if is_url(directory):   # one listing: every shard object there, of its size
         from . import s3
         return s3.check_objects(directory, m)
+    return _check_sizes(directory, [(f.name, f.nbytes) for f in m.files])
+
+
+def _check_sizes(directory: str, files: list[tuple[str, int]]) -> list[str]:
+    """The paths of a checkpoint's files, each checked to exist with the size its manifest gives."""
     paths = []
-    for f in m.files:
-        path = os.path.join(directory, f.name)
+    for name, nbytes in files:
+        path = os.path.join(directory, name)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{path}: shard file is missing") from None
-        if size != f.nbytes:
-            raise CorruptCheckpointError(f"{path}: size {size} bytes, manifest says {f.nbytes} "
-                                         f"({'truncated' if size < f.nbytes else 'extended'})")
+        if size != nbytes:
+            raise CorruptCheckpointError(f"{path}: size {size} bytes, manifest says {nbytes} "
+                                         f"({'truncated' if size < nbytes else 'extended'})")
         paths.append(path)
     return paths
 
@@ -568,16 +573,7 @@ def verify(path: PathLike) -> dict[str, Any]:
 def _verify_dcp(directory: str, m: DcpManifest) -> dict[str, Any]:
     """:func:`verify` for a checkpoint written through zckpt.dcp: file sizes, every item's checksum."""
     total = 0
-    paths = []
-    for f in m.files:
-        fpath = os.path.join(directory, f.name)
-        try:
-            size = os.stat(fpath).st_size
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{fpath}: file is missing") from None
-        if size != f.nbytes:
-            raise CorruptCheckpointError(f"{fpath}: size {size} bytes, manifest says {f.nbytes}")
-        paths.append(fpath)
+    paths = _check_sizes(directory, [(f.name, f.nbytes) for f in m.files])
     handles = [open(p, "rb") for p in paths]   # noqa: SIM115 - closed below
     try:
         for it in m.items:
