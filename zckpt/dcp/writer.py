@@ -1,76 +1,7 @@
-"""A storage back end for ``torch.distributed.checkpoint`` (DCP): zckpt's pool under DCP's API.
-
-::
-
-    import torch.distributed.checkpoint as dcp
-    from zckpt.dcp import ZckptWriter, ZckptReader
-
-    writer = ZckptWriter(pool=pool)          # or ZckptWriter(config=zckpt.PoolConfig(...))
-    resp = dcp.async_save(sd, checkpoint_id=f"/ckpt/step-{step}", storage_writer=writer)
-    ...                                      # train on: the tensors were copied once
-    resp.result()                            # committed (or raises)
-    dcp.load(sd, storage_reader=ZckptReader(f"/ckpt/step-{step}"))
-
-How a save runs, and who is blocked:
-
-1. ``dcp.async_save`` calls :meth:`ZckptWriter.stage` on the trainer's thread: every
-   tensor (a DTensor's local shard) is copied once into the pool's staging arena
-   (shared memory; page-locked for CUDA tensors) and a state dict of views of that
-   memory is returned. This copy is all the trainer waits for. (``dcp.save``, the
-   blocking call, skips ``stage``: :meth:`ZckptWriter.write_data` copies then.)
-2. DCP plans on its thread, as with any storage writer: its planner decides which rank
-   writes which item (replicated tensors once).
-3. :meth:`ZckptWriter.write_data` hands each rank's items to the pool's worker
-   processes as ranges of the arena: each worker writes one file of them, with an xxh3
-   checksum per item, and fsyncs it. Nothing is copied again. Non-tensor items (DCP
-   pickles them with ``torch.save``) are a few bytes, written by DCP's thread.
-4. :meth:`ZckptWriter.finish` (the coordinator rank) writes DCP's ``.metadata`` and
-   zckpt's ``manifest.json`` (item locations and checksums, DCP's metadata as JSON) into
-   the temporary directory every rank wrote into, fsyncs it, renames it to the
-   checkpoint's path and fsyncs the parent: the checkpoint appears whole or not at all.
-   A failed save leaves nothing at the path.
-
-Layout of a checkpoint (one directory)::
-
-    __<rank>_<k>.distcp     the items rank <rank>'s k-th worker wrote (raw bytes)
-    __<rank>_<n>.distcp     that rank's non-tensor items, if any (DCP's torch.save bytes)
-    .metadata               DCP's Metadata, pickled, as DCP's FileSystemWriter writes it
-    manifest.json           zckpt's manifest (format "zckpt-dcp", see zckpt.manifest)
-
-DCP's own ``FileSystemReader`` reads the ``.metadata`` (``read_metadata()`` shows every
-key, shape and dtype) but refuses the data: tensors are stored as raw bytes, not as
-``torch.save`` records, and every item names the storage extension
-``zckpt.raw-bytes``, which DCP does not know, so ``dcp.load(..., storage_reader=
-FileSystemReader(path))`` raises ``ValueError: Unknown extension`` rather than misread
-them. Load with :class:`ZckptReader`, which also reads checkpoints written by
-:class:`zckpt.CheckpointPool` and :mod:`zckpt.distributed`: DCP reshards all of them
-(any world size, any placement).
-
-Trust: :class:`ZckptReader` reads ``manifest.json`` (JSON, sealed with a checksum: that
-proves the bytes are the ones written, not that their writer was honest) and never
-unpickles ``.metadata``. A non-tensor item goes to DCP's load planner, which unpickles it
-with ``torch.load(weights_only=False)``; so the reader first checks that torch's
-restricted unpickler accepts it (``ZckptReader(path, weights_only=False)`` skips that,
-for checkpoints you trust). Checkpoints written by the pool load their non-tensor values
-with ``weights_only=True``.
-
-Several ranks with two saves in flight (``staging_buffers=2``): DCP runs each save's
-collectives on its own thread, so two saves at once on one process group can deadlock
-(DCP's rule, not zckpt's): give ``dcp.async_save`` a separate ``process_group`` per save in
-flight, or call ``result()`` before the next one. Saves commit in the order they were
-called either way.
-
-Limits: DCP's process executor (``AsyncCheckpointerType.PROCESS``) would pickle the
-writer into another process: refused with ``TypeError`` (use the default thread
-executor: the writing happens in zckpt's workers anyway). ``ShardedTensor`` is not
-staged (use DTensor). ``planner_data`` must be JSON data (the default planner's is).
-DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) and
-``use_collectives=False`` across ranks are refused. The pool's ``mirrors`` do not apply.
-"""
+"""ZckptWriter: DCP's StorageWriter and AsyncStager on a zckpt pool (see zckpt.dcp)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import io
@@ -81,7 +12,7 @@ import pickle
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future as PyFuture
 from dataclasses import dataclass
 from typing import Any, Union, cast
@@ -89,30 +20,23 @@ from typing import Any, Union, cast
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
-    MetadataIndex,
     StorageMeta,
-    TensorProperties,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
-    LoadItemType,
-    LoadPlan,
-    LoadPlanner,
-    ReadItem,
     SavePlan,
     SavePlanner,
     WriteItem,
     WriteItemType,
 )
 from torch.distributed.checkpoint.staging import AsyncStager
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import protocol as P
-from .arena import Arena, BufferSet
-from .commit import (
+from .. import protocol as P
+from ..arena import BufferSet
+from ..commit import (
     apply_retention,
     commit_dir,
     discard,
@@ -121,24 +45,20 @@ from .commit import (
     sweep_temp_dirs,
     temp_dir_for,
 )
-from .config import PoolConfig
-from .errors import CorruptCheckpointError, ZckptError
-from .format import dtype_from_name, dtype_name
-from .manifest import (
-    MULTI_RANK_VERSION,
+from ..config import PoolConfig
+from ..errors import CorruptCheckpointError, ZckptError
+from ..format import dtype_name
+from ..manifest import (
     DcpFileRecord,
     DcpItemRecord,
-    DcpManifest,
     DcpTensorEntry,
-    Manifest,
     build_dcp_manifest,
-    path_json,
-    read_any_manifest,
 )
-from .pool import CheckpointPool
-from .supervisor import ShardJob
+from ..pool import CheckpointPool
+from ..supervisor import ShardJob
+from .staging import GAP, Staged, StagedStateDict, collect_tensors, rebuild_staged, stage_tensors
 
-__all__ = ["ZckptWriter", "ZckptReader", "RAW_BYTES_EXTENSION"]
+__all__ = ["ZckptWriter", "ItemLocation", "RAW_BYTES_EXTENSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +68,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: (DCP's ``_StorageInfo.transform_descriptors``): DCP's FileSystemReader does not know
 #: it and refuses the data instead of reading raw bytes as a torch.save record.
 RAW_BYTES_EXTENSION = "zckpt.raw-bytes/1"
-_ALIGN = 64          # each staged tensor starts at a multiple of this (any dtype's alignment)
-_GAP = _ALIGN - 1    # padding between two staged tensors: written along, so they stay one run
 
 
 # --- records that travel through DCP (its plans and results are pickled between ranks) ---------
@@ -171,157 +89,11 @@ class ItemLocation:
     digest: str | None
 
 
-# --- staging -------------------------------------------------------------------------------------
-class _Staged:
-    """One arena buffer set holding one save's staged tensors, until its items are written.
-
-    Released (once) when that save's ``write_data`` is done with it; or, when the save
-    never gets there (planning failed on some rank, DCP's process executor, an error
-    between ``stage`` and ``write_data``), when the thread that claimed it in ``reset``
-    has ended, or when the staged tensors are garbage (see ``ZckptWriter._sweep``).
-    """
-
-    def __init__(self, arena: Arena, bufset: BufferSet, nbytes: int) -> None:
-        self.arena, self.bufset, self.nbytes = arena, bufset, nbytes
-        self.segment = bufset.segments[0]
-        self.base = self.segment.tensor.data_ptr()
-        self._lock = threading.Lock()
-        self.released = False
-        self.ticket = -1                                  # the save's place in call order
-        self.stage_thread: threading.Thread | None = None
-        self.claimed_by: threading.Thread | None = None   # the thread running its DCP save
-
-    def locate(self, t: torch.Tensor) -> int | None:
-        """The byte offset of ``t``'s data in this set, if ``t`` is contiguous in it."""
-        if t.device.type != "cpu" or not t.is_contiguous():
-            return None
-        ptr = t.data_ptr()
-        n = t.numel() * t.element_size()
-        if self.base <= ptr and ptr + n <= self.base + self.nbytes:
-            return ptr - self.base
-        return None
-
-    def release(self) -> None:
-        with self._lock:
-            if self.released:
-                return
-            self.released = True
-        self.arena.release(self.bufset)
-
-
-def _stage_tensors(tensors: list[torch.Tensor], arena: Arena, acquire: Callable[[int, bool], BufferSet]
-                   ) -> tuple[_Staged | None, list[torch.Tensor]]:
-    """Copy ``tensors`` into one arena buffer set; return it and the contiguous copies.
-
-    Blocks for the copy (device-to-host copies are waited for) and, before it, for a free
-    buffer set (``acquire(nbytes, pin)``, which bounds the wait).
-    """
-    offsets, total = [], 0
-    for t in tensors:
-        if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == "meta":
-            raise TypeError(f"ZckptWriter cannot stage a {t.layout} {'quantized ' if t.is_quantized else ''}"
-                            f"tensor on {t.device} (dense strided tensors only)")
-        offsets.append(total)
-        n = t.numel() * t.element_size()
-        total += -(-n // _ALIGN) * _ALIGN
-    if total == 0:
-        return None, [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
-    on_device = any(t.device.type != "cpu" for t in tensors)
-    bufset = acquire(total, on_device)
-    staged = _Staged(arena, bufset, total)
-    try:
-        out = []
-        device_stager = None
-        if on_device:
-            from ._cuda import DeviceStager
-            device_stager = DeviceStager()
-        flat = staged.segment.tensor
-        try:
-            with torch.no_grad():
-                for t, off in zip(tensors, offsets, strict=True):
-                    n = t.numel() * t.element_size()
-                    if n == 0:
-                        out.append(torch.empty(t.shape, dtype=t.dtype))
-                        continue
-                    dst = flat[off: off + n].view(t.dtype).view(t.shape)
-                    src = t.detach()
-                    if src.device.type == "cpu":
-                        dst.copy_(src)
-                    else:
-                        assert device_stager is not None
-                        device_stager.copy(dst, src)
-                    out.append(dst)
-        finally:   # no copy may still be landing in a buffer set that is released
-            if device_stager is not None:
-                device_stager.wait()
-    except BaseException:
-        staged.release()
-        raise
-    return staged, out
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def _collect(obj: Any, found: dict[int, torch.Tensor]) -> None:
-    """Every distinct tensor (a DTensor's local shard) in a state dict, by identity."""
-    if isinstance(obj, torch.Tensor):
-        if type(obj).__name__ == "ShardedTensor":
-            raise TypeError("ZckptWriter does not stage ShardedTensor: use DTensor (FSDP2, tensor parallel)")
-        local = _local(obj)
-        found.setdefault(id(local), local)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            _collect(v, found)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _collect(v, found)
-
-
-class _StagedStateDict(dict):
-    """The state dict :meth:`ZckptWriter.stage` returns: views of shared memory that must
-    not travel to another process (DCP's process executor would pickle it)."""
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a state dict staged by ZckptWriter cannot be pickled into another process: use DCP's "
-                        "default thread executor (AsyncCheckpointerType.THREAD); zckpt writes in its own "
-                        "processes anyway")
-
-
-def _rebuild_staged(obj: Any, copies: dict[int, torch.Tensor], in_leaf: bool = False) -> Any:
-    """``obj`` with every tensor replaced by its staged copy (DTensors keep their spec);
-    other values deep-copied, so the trainer may change them once staging returns.
-
-    ``in_leaf``: inside a tuple, which DCP saves whole with ``torch.save``: a view there
-    would drag the whole arena segment into the file, so those tensors are cloned.
-    """
-    from torch.distributed.tensor import DTensor
-    if isinstance(obj, DTensor):
-        local = copies[id(obj._local_tensor)]
-        return DTensor(local.clone() if in_leaf else local, obj._spec, requires_grad=obj.requires_grad)
-    if isinstance(obj, torch.Tensor):
-        t = copies[id(obj)].clone() if in_leaf else copies[id(obj)]
-        return t.requires_grad_(obj.requires_grad) if obj.requires_grad and t.is_floating_point() else t
-    if isinstance(obj, Mapping):
-        out = copy.copy(obj)
-        for k, v in obj.items():
-            out[k] = _rebuild_staged(v, copies, in_leaf)  # type: ignore[index]
-        return out
-    if isinstance(obj, list):
-        return [_rebuild_staged(v, copies, in_leaf) for v in obj]
-    if isinstance(obj, tuple):
-        values = [_rebuild_staged(v, copies, True) for v in obj]
-        return type(obj)._make(values) if hasattr(type(obj), "_fields") else type(obj)(values)  # type: ignore[attr-defined]
-    return copy.deepcopy(obj)
-
-
 class _Keeper:
     """Referenced by every tensor of one staging: dies with the last of them."""
 
 
-def _abandoned(writer_ref: Callable[[], ZckptWriter | None], ticket: int, staged: _Staged) -> None:
+def _abandoned(writer_ref: Callable[[], ZckptWriter | None], ticket: int, staged: Staged) -> None:
     """The staged tensors of a save are garbage: that save is over, whatever became of it."""
     writer = writer_ref()
     if writer is not None:
@@ -334,7 +106,7 @@ def _abandoned(writer_ref: Callable[[], ZckptWriter | None], ticket: int, staged
 class _SaveContext:
     """What one save (one thread of DCP's) needs between reset() and finish()."""
 
-    def __init__(self, path: str, ticket: int, staged: _Staged | None) -> None:
+    def __init__(self, path: str, ticket: int, staged: Staged | None) -> None:
         self.path = path
         self.ticket = ticket                # this save's place in call order (commits keep it)
         self.staged = staged                # the buffer set stage() filled for it, if any
@@ -394,7 +166,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
         self._config = config
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)   # a save ended (see _wait_for_earlier)
-        self._staged: list[_Staged] = []          # staged by stage(), not yet written
+        self._staged: list[Staged] = []          # staged by stage(), not yet written
         self._local = threading.local()           # this thread's _SaveContext
         self._leftovers: dict[str, threading.Thread] = {}   # temp dirs made, not yet committed
         self._next_ticket = 0
@@ -460,22 +232,22 @@ class ZckptWriter(StorageWriter, AsyncStager):
         with engine.entered("ZckptWriter.stage"):
             engine.check_open()
             found: dict[int, torch.Tensor] = {}
-            _collect(state_dict, found)
-            staged, copies = _stage_tensors(list(found.values()), engine.arena, self._acquirer(pool))
+            collect_tensors(state_dict, found)
+            staged, copies = stage_tensors(list(found.values()), engine.arena, self._acquirer(pool))
         if staged is None:   # no tensor bytes: the save takes its place in reset()
-            return _StagedStateDict(_rebuild_staged(state_dict, dict(zip(found, copies, strict=True))))
+            return StagedStateDict(rebuild_staged(state_dict, dict(zip(found, copies, strict=True))))
         with self._lock:
             ticket = self._new_ticket(None)
             staged.ticket, staged.stage_thread = ticket, threading.current_thread()
             self._staged.append(staged)
         try:
-            out = _StagedStateDict(_rebuild_staged(state_dict, dict(zip(found, copies, strict=True))))
+            out = StagedStateDict(rebuild_staged(state_dict, dict(zip(found, copies, strict=True))))
         except BaseException:
             self._end(ticket, staged)
             raise
         # When every staged tensor is garbage, the save that was to write them is over (or
         # never started: DCP's process executor, an error before its thread ran): the
-        # buffer set goes back (see _Staged).
+        # buffer set goes back (see Staged).
         keeper = _Keeper()
         for c in copies:
             c._zckpt_keeper = keeper  # type: ignore[attr-defined]
@@ -490,7 +262,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
         self._inflight[ticket] = thread
         return ticket
 
-    def _end(self, ticket: int, staged: _Staged | None) -> None:
+    def _end(self, ticket: int, staged: Staged | None) -> None:
         """A save is over (committed, failed or abandoned): free its buffers, let later commits go."""
         if staged is not None:
             staged.release()
@@ -654,7 +426,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
                                     f"{'quantized ' if t.is_quantized else ''}tensor (dense strided tensors only)")
                 tensor_items.append((item, t))
         located, extra = self._locate(ctx.staged, tensor_items)
-        own: _Staged | None = None
+        own: Staged | None = None
         try:
             if extra and ctx.staged is None:
                 # dcp.save (no stage() call): stage now, a tensor saved under several names once.
@@ -664,7 +436,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
                     if _memory_key(t) not in distinct:
                         distinct[_memory_key(t)] = len(firsts)
                         firsts.append(t)
-                own, copies = _stage_tensors(firsts, pool._engine.arena, self._acquirer(pool))
+                own, copies = stage_tensors(firsts, pool._engine.arena, self._acquirer(pool))
                 for item, t in extra:
                     c = copies[distinct[_memory_key(t)]]
                     if own is not None and c.numel() > 0:
@@ -680,10 +452,10 @@ class ZckptWriter(StorageWriter, AsyncStager):
                 own.release()
 
     @staticmethod
-    def _locate(staged: _Staged | None, items: list[tuple[WriteItem, torch.Tensor]]
-                ) -> tuple[list[tuple[WriteItem, _Staged, int | None]], list[tuple[WriteItem, torch.Tensor]]]:
+    def _locate(staged: Staged | None, items: list[tuple[WriteItem, torch.Tensor]]
+                ) -> tuple[list[tuple[WriteItem, Staged, int | None]], list[tuple[WriteItem, torch.Tensor]]]:
         """Split the tensor items into those staged in this save's buffer set and the rest."""
-        located: list[tuple[WriteItem, _Staged, int | None]] = []
+        located: list[tuple[WriteItem, Staged, int | None]] = []
         extra: list[tuple[WriteItem, torch.Tensor]] = []
         for item, t in items:
             off = staged.locate(t) if staged is not None and t.numel() > 0 else None
@@ -694,7 +466,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
         return located, extra
 
     def _write(self, pool: CheckpointPool, rank: int, tmp_dir: str,
-               located: list[tuple[WriteItem, _Staged, int | None]],
+               located: list[tuple[WriteItem, Staged, int | None]],
                byte_items: list[tuple[WriteItem, bytes]]) -> list[WriteResult]:
         """Workers write the located items (one file per worker, gathered from the arena);
         this thread writes the byte items. Blocks until all are durable."""
@@ -702,7 +474,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
         engine = pool._engine
         # The same bytes (a tensor saved under two names) are written once.
         pieces: dict[tuple[int, int, int], list[WriteItem]] = {}
-        sets: dict[int, _Staged] = {}
+        sets: dict[int, Staged] = {}
         for item, s, off in located:
             assert off is not None
             n = _item_nbytes(item)
@@ -750,7 +522,7 @@ class ZckptWriter(StorageWriter, AsyncStager):
             return []
         import xxhash
 
-        from ._sync import fsync_fd
+        from .._sync import fsync_fd
         name = f"__{rank}_{index}.distcp"
         path = os.path.join(tmp_dir, name)
         out = []
@@ -852,7 +624,7 @@ def _item_nbytes(item: WriteItem) -> int:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    from .reader import _writable_view
+    from ..reader import _writable_view
     flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
     with _writable_view(flat) as view:
         return view.tobytes()
@@ -890,7 +662,7 @@ def _runs(group: list[tuple[int, int, int]]) -> tuple[list[tuple[int, int]], lis
     file_offsets = []
     pos = 0
     for _sid, off, n in group:
-        if runs and 0 <= off - (runs[-1][0] + runs[-1][1]) <= _GAP:
+        if runs and 0 <= off - (runs[-1][0] + runs[-1][1]) <= GAP:
             gap = off - (runs[-1][0] + runs[-1][1])
             file_offsets.append(pos + gap)
             runs[-1][1] += gap + n
@@ -939,333 +711,10 @@ def _write_dcp_metadata(tmp_dir: str, metadata: Metadata, results: list[list[Wri
     DCP's own record naming zckpt's raw-bytes extension (see the module docstring)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from ._sync import write_new_file
+    from .._sync import write_new_file
     storage = {}
     for wr in (w for rank_results in results for w in rank_results):
         loc = wr.storage_data
         storage[wr.index] = _StorageInfo(loc.file, loc.at, loc.nbytes, transform_descriptors=[RAW_BYTES_EXTENSION])
     md = dataclasses.replace(metadata, storage_data=storage)
     write_new_file(os.path.join(tmp_dir, ".metadata"), pickle.dumps(md), fsync=fsync)
-
-
-# --- the reader ----------------------------------------------------------------------------------
-class ZckptReader(StorageReader):
-    """A DCP ``StorageReader`` for zckpt checkpoints: those written by :class:`ZckptWriter`,
-    by :class:`zckpt.CheckpointPool` and by :mod:`zckpt.distributed`.
-
-    ``dcp.load(state_dict, storage_reader=ZckptReader(path))`` fills ``state_dict`` in place,
-    resharding as DCP does (DTensors of any placement, any world size). Every item read is
-    checked against the manifest's checksums first. For a pool or zckpt.distributed
-    checkpoint, DCP's keys are the dotted key paths (``"model.layer.0.weight"``, as DCP
-    flattens a nested state dict); only the storages holding requested items are read.
-
-    Blocks until every requested byte is read and checked.
-
-    Raises:
-        CorruptCheckpointError: a missing, truncated or modified file, or a bad manifest.
-        FileNotFoundError: no checkpoint directory at the path.
-        pickle.UnpicklingError: a pool checkpoint's structure holds a type that
-            ``weights_only=True`` refuses.
-    """
-
-    def __init__(self, path: PathLike | None = None, *, weights_only: bool = True) -> None:
-        super().__init__()
-        self.path = os.fspath(path) if path is not None else None
-        self.weights_only = weights_only
-        self._source: _DcpSource | _PoolSource | None = None
-        self.storage_data: dict[MetadataIndex, Any] = {}
-
-    def reset(self, checkpoint_id: PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.path = os.fspath(checkpoint_id)
-        self._source = None
-        self.storage_data = {}
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
-        try:
-            return os.path.isfile(os.path.join(os.fspath(checkpoint_id), "manifest.json"))
-        except TypeError:
-            return False
-
-    def _get_source(self) -> _DcpSource | _PoolSource:
-        if self._source is None:
-            if self.path is None:
-                raise ValueError("ZckptReader has no path: pass ZckptReader(path) or checkpoint_id=path")
-            m = read_any_manifest(self.path)
-            self._source = _DcpSource(self.path, m, self.weights_only) if isinstance(m, DcpManifest) \
-                else _PoolSource(self.path, m)
-        return self._source
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return self._get_source().metadata
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.storage_data = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        self._get_source().read(plan.items, planner)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
-
-
-def _copy_into(req: ReadItem, planner: LoadPlanner, src: torch.Tensor) -> None:
-    from torch.distributed._shard._utils import narrow_tensor_by_index
-    piece = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
-    target = planner.resolve_tensor(req).detach()
-    if target.size() != piece.size():
-        raise CorruptCheckpointError(f"{req.storage_index.fqn}: the saved chunk gives {tuple(piece.size())}, "
-                                     f"DCP asked for {tuple(target.size())}")
-    target.copy_(piece)
-    planner.commit_tensor(req, target)
-
-
-def _load_bytes(req: ReadItem, planner: LoadPlanner, data: bytes) -> None:
-    buf = io.BytesIO(data)
-    buf.seek(0)
-    planner.load_bytes(req, buf)
-
-
-class _DcpSource:
-    """A checkpoint written through ZckptWriter: items at byte ranges of its files."""
-
-    def __init__(self, directory: str, m: DcpManifest, weights_only: bool) -> None:
-        self.directory, self.m, self.weights_only = directory, m, weights_only
-        storage: dict[MetadataIndex, Any] = {}
-        for i, it in enumerate(m.items):
-            storage[MetadataIndex(it.fqn, it.offset)] = i
-        sd_md: dict[str, Any] = {}
-        self.sizes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
-        for fqn, e in m.entries.items():
-            if e is None:
-                sd_md[fqn] = BytesStorageMetadata()
-                continue
-            props = TensorProperties(dtype=dtype_from_name(e.dtype), requires_grad=e.requires_grad)
-            sd_md[fqn] = TensorStorageMetadata(props, torch.Size(e.size), [
-                ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in e.chunks])
-            for o, s in e.chunks:
-                self.sizes[(fqn, o)] = s
-        self.metadata = Metadata(state_dict_metadata=sd_md, planner_data=_planner_data(m.planner_data),
-                                 storage_data=storage)
-
-    def read(self, reqs: list[ReadItem], planner: LoadPlanner) -> None:
-        from .reader import _read_exact, _writable_view
-        by_item: dict[int, list[ReadItem]] = {}
-        index = {MetadataIndex(it.fqn, it.offset): i for i, it in enumerate(self.m.items)}
-        for req in reqs:
-            key = MetadataIndex(req.storage_index.fqn, req.storage_index.offset)
-            if key not in index:
-                raise CorruptCheckpointError(f"{self.directory}: no saved item {key.fqn!r} at {key.offset}")
-            by_item.setdefault(index[key], []).append(req)
-        fds: dict[int, int] = {}
-        try:
-            for i in sorted(by_item, key=lambda i: (self.m.items[i].file, self.m.items[i].at)):
-                it = self.m.items[i]
-                fname = os.path.join(self.directory, self.m.files[it.file].name)
-                if it.file not in fds:
-                    fds[it.file] = _open_checked(fname, self.m.files[it.file].nbytes)
-                buf = torch.empty(it.nbytes, dtype=torch.uint8)
-                with _writable_view(buf) as view:
-                    _read_exact(fds[it.file], view, it.at, fname)
-                    if self.m.checks and it.digest is not None:
-                        import xxhash
-                        if xxhash.xxh3_64_hexdigest(view) != it.digest:
-                            raise CorruptCheckpointError(f"{fname}: checksum mismatch in bytes "
-                                                         f"[{it.at}, {it.at + it.nbytes}) — item {it.fqn!r}")
-                entry = self.m.entries[it.fqn]
-                for req in by_item[i]:
-                    if req.type == LoadItemType.BYTE_IO or entry is None:
-                        with _writable_view(buf) as raw:
-                            data = raw.tobytes()
-                        if self.weights_only:
-                            _check_weights_only(data, it.fqn, fname)
-                        _load_bytes(req, planner, data)
-                        continue
-                    _copy_into(req, planner, self._tensor(it, entry, buf, fname))
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def _tensor(self, it: DcpItemRecord, entry: DcpTensorEntry, buf: torch.Tensor, fname: str) -> torch.Tensor:
-        dtype = dtype_from_name(entry.dtype)
-        sizes = self.sizes.get((it.fqn, it.offset or ()), entry.size if it.offset is None else None)
-        if sizes is None:
-            raise CorruptCheckpointError(f"{fname}: item {it.fqn!r} at {it.offset} is no chunk of its entry")
-        if math.prod(sizes) * dtype.itemsize != it.nbytes:
-            raise CorruptCheckpointError(f"{fname}: item {it.fqn!r} holds {it.nbytes} bytes, its chunk "
-                                         f"{list(sizes)} of {entry.dtype} needs {math.prod(sizes) * dtype.itemsize}")
-        return buf.view(dtype).view(sizes) if it.nbytes else torch.empty(sizes, dtype=dtype)
-
-
-def _check_weights_only(data: bytes, fqn: str, fname: str) -> None:
-    """DCP's load planner unpickles a non-tensor item with ``torch.load(weights_only=False)``:
-    first make sure torch's restricted unpickler accepts it (a checksum proves the bytes
-    are the ones written, not that whoever wrote them was honest)."""
-    try:
-        torch.load(io.BytesIO(data), weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(
-            f"{fname}: item {fqn!r} holds a type weights_only=True refuses ({exc}); load with "
-            "ZckptReader(path, weights_only=False) only if you trust where this checkpoint came from") from exc
-
-
-def _planner_data(data: Any) -> Any:
-    """DCP's default planner data back as it was: key paths are tuples."""
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-        return {k: tuple(v) for k, v in data.items()}
-    return data
-
-
-def _open_checked(path: str, nbytes: int) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path}: file is missing") from None
-    size = os.fstat(fd).st_size
-    if size != nbytes:
-        os.close(fd)
-        raise CorruptCheckpointError(f"{path}: size {size} bytes, manifest says {nbytes}")
-    return fd
-
-
-class _PoolSource:
-    """A checkpoint written by CheckpointPool or zckpt.distributed, seen as DCP items.
-
-    The structure is rebuilt with placeholder tensors (no data read; ``weights_only``
-    unpickling), flattened as DCP flattens a state dict, and every tensor becomes a DCP
-    tensor whose chunks are its saved records (a multi-rank checkpoint's boxes).
-    """
-
-    def __init__(self, directory: str, m: Manifest) -> None:
-        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-        from .reader import _check_files, _check_views, _rebuild
-        self.directory, self.m = directory, m
-        self.paths = _check_files(directory, m)
-        _check_views(m, directory)
-        groups: dict[str, list[int]] = {}
-        if m.version >= MULTI_RANK_VERSION:
-            for i, rec in enumerate(m.tensors):
-                if rec.global_shape is not None and rec.path is not None:
-                    groups.setdefault(path_json(rec.path), []).append(i)
-        self.placeholders: dict[int, tuple[torch.Tensor, list[int]]] = {}
-
-        def make(i: int) -> torch.Tensor:
-            rec = m.tensors[i]
-            shape = rec.global_shape if rec.global_shape is not None else rec.shape
-            t = torch.empty(tuple(shape), dtype=dtype_from_name(rec.dtype), device="meta")
-            boxes = groups.get(path_json(rec.path), [i]) if rec.global_shape is not None and rec.path else [i]
-            self.placeholders[id(t)] = (t, boxes)
-            return t
-
-        structure = _rebuild(directory, m, make, [], weights_only=True)
-        if not isinstance(structure, dict):
-            raise ValueError(f"{directory} holds a {type(structure).__name__}, not a state dict: DCP loads dicts")
-        flat, mappings = flatten_state_dict(structure)
-        sd_md: dict[str, Any] = {}
-        storage: dict[MetadataIndex, Any] = {}
-        self.objects: dict[str, Any] = {}
-        for fqn, value in flat.items():
-            ph = self.placeholders.get(id(value)) if isinstance(value, torch.Tensor) else None
-            if ph is None:
-                sd_md[fqn] = BytesStorageMetadata()
-                storage[MetadataIndex(fqn)] = ("obj", fqn)
-                self.objects[fqn] = value
-                continue
-            t, boxes = ph
-            chunks = []
-            for i in boxes:
-                rec = m.tensors[i]
-                offsets = rec.global_offset if rec.global_offset is not None else (0,) * len(rec.shape)
-                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(rec.shape)))
-                storage[MetadataIndex(fqn, offsets)] = ("rec", i)
-            props = TensorProperties(dtype=t.dtype, requires_grad=m.tensors[boxes[0]].requires_grad)
-            sd_md[fqn] = TensorStorageMetadata(props, t.size(), chunks)
-        self.storage = storage
-        self.metadata = Metadata(state_dict_metadata=sd_md, planner_data=mappings, storage_data=storage)
-
-    def read(self, reqs: list[ReadItem], planner: LoadPlanner) -> None:
-        from .reader import _read_storages, _tensor_from
-        need: set[int] = set()
-        wanted: list[tuple[ReadItem, Any]] = []
-        for req in reqs:
-            key = self.storage.get(MetadataIndex(req.storage_index.fqn, req.storage_index.offset))
-            if key is None:
-                raise CorruptCheckpointError(f"{self.directory}: no saved item {req.storage_index.fqn!r} "
-                                             f"at {req.storage_index.offset}")
-            wanted.append((req, key))
-            if key[0] == "rec":
-                need.add(key[1])
-            else:
-                need.update(i for _t, boxes in self._inner(self.objects[key[1]]) for i in boxes)
-        buffers: list[torch.Tensor | None] = [None] * len(self.m.storages)
-        for i in need:
-            sid = self.m.tensors[i].storage
-            if buffers[sid] is None:
-                buffers[sid] = torch.empty(self.m.storages[sid].nbytes, dtype=torch.uint8)
-        _read_storages(self.m, self.paths, buffers, self.m.checks, None)
-        storages = [b.untyped_storage() if b is not None else None for b in buffers]
-
-        def whole(i: int) -> torch.Tensor:
-            t, boxes = self.placeholders_by_index[i]
-            if len(boxes) == 1 and tuple(self.m.tensors[boxes[0]].shape) == tuple(t.shape):
-                return _tensor_from(self.m.tensors[boxes[0]], storages)  # type: ignore[arg-type]
-            out = torch.empty(t.shape, dtype=t.dtype)
-            for b in boxes:
-                rec = self.m.tensors[b]
-                assert rec.global_offset is not None
-                out[tuple(slice(o, o + n) for o, n in zip(rec.global_offset, rec.shape, strict=True))].copy_(
-                    _tensor_from(rec, storages).detach())  # type: ignore[arg-type]
-            return out
-
-        for req, key in wanted:
-            if key[0] == "rec":
-                _copy_into(req, planner, _tensor_from(self.m.tensors[key[1]], storages).detach())  # type: ignore[arg-type]
-            else:
-                value = self._materialize(self.objects[key[1]], whole)
-                buf = io.BytesIO()
-                torch.save(value, buf)
-                _load_bytes(req, planner, buf.getvalue())
-
-    @property
-    def placeholders_by_index(self) -> dict[int, tuple[torch.Tensor, list[int]]]:
-        return {boxes[0]: (t, boxes) for t, boxes in self.placeholders.values()}
-
-    def _inner(self, value: Any) -> list[tuple[torch.Tensor, list[int]]]:
-        """The placeholders inside a non-tensor value (a tuple of tensors, say)."""
-        out: list[tuple[torch.Tensor, list[int]]] = []
-        if isinstance(value, torch.Tensor):
-            ph = self.placeholders.get(id(value))
-            if ph is not None:
-                out.append(ph)
-        elif isinstance(value, Mapping):
-            for v in value.values():
-                out += self._inner(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                out += self._inner(v)
-        return out
-
-    def _materialize(self, value: Any, whole: Callable[[int], torch.Tensor]) -> Any:
-        if isinstance(value, torch.Tensor):
-            ph = self.placeholders.get(id(value))
-            return whole(ph[1][0]) if ph is not None else value
-        if isinstance(value, Mapping):
-            out = copy.copy(value)
-            for k, v in value.items():
-                out[k] = self._materialize(v, whole)  # type: ignore[index]
-            return out
-        if isinstance(value, list):
-            return [self._materialize(v, whole) for v in value]
-        if isinstance(value, tuple):
-            values = [self._materialize(v, whole) for v in value]
-            return type(value)._make(values) if hasattr(type(value), "_fields") else type(value)(values)  # type: ignore[attr-defined]
-        return value
-
