@@ -323,6 +323,26 @@ def test_a_failed_replacement_keeps_the_newest_checkpoint_and_raises_once(tmp_pa
     zckpt.verify(tmp_path / "A")
 
 
+@pytest.mark.timeout(60)
+def test_teardown_while_training_fails_keeps_the_training_error(tmp_path, make_pool):
+    """Lightning tears down from its except block: a checkpoint failure found then is
+    logged and noted on the training error, which stays the one that propagates."""
+    from _writers import FailingWriter
+    pool = make_pool(num_workers=1, config=zckpt.PoolConfig(num_workers=1, shard_retries=0, **FAST),
+                     writer_factory=FailingWriter)
+    io = ZckptCheckpointIO(pool=pool)
+    io.save_checkpoint({"state_dict": {"w": torch.ones(8)}}, tmp_path / "A")
+    with pytest.raises(OSError):
+        io.futures[-1].result(timeout=30)
+    with pytest.raises(RuntimeError, match="user error in training") as ei:
+        try:
+            raise RuntimeError("user error in training")
+        except RuntimeError:
+            io.teardown()
+            raise
+    assert any("simulated disk full" in note for note in getattr(ei.value, "__notes__", []))
+
+
 # --- a worker SIGKILLed mid-write while Lightning trains -------------------------------------------
 class KillWhileWriting(Callback):
     """At the first batch of epoch 2 (epoch 1's checkpoint is held mid-write by the gate),

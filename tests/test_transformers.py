@@ -198,6 +198,31 @@ def test_save_total_limit_is_the_retention(tmp_path: Any, callbacks: Callable[..
         zckpt.verify(tmp_path / "out" / name)
 
 
+@pytest.mark.timeout(120)
+def test_a_new_run_into_a_used_output_dir_is_refused_before_it_trains(
+        tmp_path: Any, callbacks: Callable[..., ZckptCallback]) -> None:
+    """Its first save would meet checkpoint-<step> of the earlier run (zckpt never overwrites):
+    refused when training begins, not after training up to that step; nothing left patched."""
+    run(str(tmp_path / "out"), callbacks, max_steps=4, save_steps=2)
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=4, save_steps=2)
+    log = LossLog()
+    trainer.add_callback(log)
+    callbacks(trainer)
+    with pytest.raises(ValueError, match="already holds checkpoints of later steps"):
+        trainer.train()
+    assert log.losses == {}
+    assert "_save_checkpoint" not in vars(trainer)
+
+
+@pytest.mark.timeout(60)
+def test_two_callbacks_on_one_trainer_are_refused(tmp_path: Any, callbacks: Callable[..., ZckptCallback]) -> None:
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=2)
+    callbacks(trainer)
+    callbacks(trainer)
+    with pytest.raises(ValueError, match="more than one ZckptCallback"):
+        trainer.train()
+
+
 class WaitForSaves(transformers.TrainerCallback):
     """Holds each step until the saves made so far are final: makes "the next save" deterministic."""
 

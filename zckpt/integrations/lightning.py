@@ -56,6 +56,7 @@ import functools
 import logging
 import os
 import queue
+import sys
 import threading
 import uuid
 from collections import deque
@@ -350,7 +351,10 @@ class ZckptCheckpointIO(CheckpointIO):
         pool is made on the next save).
 
         Raises:
-            The first failure of a save or deletion not raised yet (others are logged).
+            The first failure of a save or deletion not raised yet (others are logged);
+            none while an exception is already propagating (Lightning tears down from its
+            ``except`` block when training raised): the failures are then logged and
+            added as notes to that exception, which stays the one the user sees.
         """
         self._check_process()
         thread = self._thread
@@ -371,7 +375,21 @@ class ZckptCheckpointIO(CheckpointIO):
         finally:
             with self._lock:
                 self._futures.clear()
+            in_flight = sys.exc_info()[1]
+            if in_flight is None:
+                self._raise_failures()
+            else:
+                self._report_failures(in_flight)
+
+    def _report_failures(self, in_flight: BaseException) -> None:
+        """Teardown while ``in_flight`` propagates: log the failures, note them on it."""
+        try:
             self._raise_failures()
+        except BaseException as exc:  # noqa: BLE001 - the first failure; the rest were logged
+            logger.error("a checkpoint failed while training was already failing (%s): %s: %s",
+                         type(in_flight).__name__, type(exc).__name__, exc)
+            if hasattr(in_flight, "add_note"):
+                in_flight.add_note(f"zckpt: a checkpoint also failed: {type(exc).__name__}: {exc}")
 
     # --- background work ---------------------------------------------------------------------
     def _ensure_pool(self) -> CheckpointPool:

@@ -35,7 +35,9 @@ the Trainer's synchronous save never runs and every other callback still gets ``
 (once the checkpoint is staged, not yet durable). Clearing ``control.should_save`` in
 ``on_step_end`` instead would take the snapshot before the step's log entry, evaluation
 and best-metric update (so the saved trainer state would differ from the Trainer's, and
-an ``EarlyStoppingCallback`` would resume with another best metric), and cannot catch
+an ``EarlyStoppingCallback`` would resume with another best metric; its state is
+restored, as for the Trainer's own checkpoints, with
+``TrainingArguments(restore_callback_states_from_checkpoint=True)``), and cannot catch
 ``save_strategy="best"`` at all. If a transformers version no longer calls
 ``_save_checkpoint``, the callback's ``on_save`` sees a save it did not make and raises.
 
@@ -94,7 +96,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 import zckpt
 from zckpt.config import PoolConfig
-from zckpt.errors import ZckptError
+from zckpt.errors import CorruptCheckpointError, ZckptError
 from zckpt.pool import CheckpointPool
 from zckpt.save import SaveFuture
 
@@ -186,6 +188,11 @@ class ZckptCallback(TrainerCallback):
         if self not in trainer.callback_handler.callbacks:
             raise ValueError("this ZckptCallback was made for another Trainer: build it with the trainer it is "
                              "added to, ZckptCallback(trainer)")
+        if any(isinstance(cb, ZckptCallback) and cb is not self for cb in trainer.callback_handler.callbacks):
+            raise ValueError("this Trainer has more than one ZckptCallback: add one")
+        # Before anything starts: a run that would reach a step already saved there would
+        # fail at that save (zckpt never overwrites), after training up to it.
+        _refuse_later_checkpoints(trainer, state.global_step)
         _check_supported(trainer)
         if args.load_best_model_at_end:
             raise ValueError("ZckptCallback does not support load_best_model_at_end: the Trainer reloads the best "
@@ -480,7 +487,13 @@ def resume_from(trainer: Trainer, path_or_root: str | os.PathLike[str], **train_
     if missing:
         raise RuntimeError(f"transformers {transformers.__version__}: Trainer has no {', '.join(missing)}; this "
                            "version is not supported by zckpt's resume")
-    state = zckpt.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = zckpt.load(path, map_location="cpu", weights_only=True)
+    except CorruptCheckpointError as exc:
+        if os.fspath(path_or_root) != path:   # taken as the newest under a root: say what to do
+            raise CorruptCheckpointError(f"{exc} (the newest checkpoint under {os.fspath(path_or_root)!r}: move it "
+                                         "away to resume from the one before it)") from exc
+        raise
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} holds no model state: not written by ZckptCallback")
     restorer = _Restorer(trainer, path, state)
