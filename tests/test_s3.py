@@ -302,3 +302,34 @@ def test_a_worker_dying_mid_upload_costs_a_retry_and_leaves_no_open_upload(make_
     assert _uploads(bucket) == []                                     # its open upload was aborted at commit
     _same(zckpt.load(f"{root}/step-7"), sd)
     _same(zckpt.load(tmp_path / "main" / "step-7"), sd)
+
+
+@pytest.mark.timeout(180)
+def test_an_empty_manifest_object_does_not_block_the_mirror(make_pool, bucket, tmp_path):
+    """A zero-byte <root>/<name>/manifest.json (another tool, an interrupted copy) is no
+    checkpoint: latest() passes it by and commits to the mirror go on."""
+    root = f"s3://{bucket}/ckpts"
+    S3.client().put_object(Bucket=bucket, Key="ckpts/junk/manifest.json", Body=b"")
+    pool = make_pool(config=_config(root))
+    for step in (1, 2):
+        fut = pool.save(_state(step), tmp_path / "main" / f"step-{step}")
+        assert fut.result(timeout=120) and fut.mirror_errors == []
+    assert zckpt.latest(root) == f"{root}/step-2"
+
+
+@pytest.mark.timeout(180)
+def test_an_upload_never_touches_a_local_path_that_spells_the_url(make_pool, bucket, tmp_path, monkeypatch):
+    """``s3://b/p/...`` read as a relative path is ``s3:/b/p/...``: a local file there stays."""
+    monkeypatch.chdir(tmp_path)
+    root = f"s3://{bucket}/ckpts"
+    pool = make_pool(config=_config(root))
+    fut = pool.save(_state(1), tmp_path / "main" / "step-1")
+    fut.result(timeout=120)
+    names = [f.name for f in zckpt.manifest.read_manifest(str(tmp_path / "main" / "step-1")).files]
+    victims = [tmp_path / "s3:" / bucket / "ckpts" / "step-2" / n for n in names]
+    for v in victims:
+        v.parent.mkdir(parents=True, exist_ok=True)
+        v.write_text("precious local data")
+    fut = pool.save(_state(2), tmp_path / "main" / "step-2")
+    assert fut.result(timeout=120) and fut.mirror_errors == []
+    assert all(v.read_text() == "precious local data" for v in victims)

@@ -2,7 +2,7 @@
 
     zckpt inspect PATH     tensors, dtypes, sizes, files, which worker wrote what
     zckpt verify PATH      re-read and check every byte; exit 0 if intact, 1 if not
-    zckpt latest ROOT      print the newest committed checkpoint under ROOT (exit 1: none)
+    zckpt latest ROOT      print the newest committed checkpoint under ROOT (exit 1: none; 2: an error)
     zckpt bench [ARGS]     run bench/throughput.py from a source checkout
 """
 
@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.cmd == "verify":
         return _verify(args.path)
-    found = latest(args.root)
+    try:
+        found = latest(args.root)
+    except (OSError, ValueError) as exc:   # an object store that cannot be listed, a bad URL
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if found is None:
         print(f"no committed checkpoint under {args.root}", file=sys.stderr)
         return 1

@@ -526,7 +526,8 @@ def _manifests(root: str) -> list[tuple[str, str, str]]:
     out = []
     for o in _list((bucket, base)):
         name, _, rest = o["Key"][len(base):].partition("/")
-        if rest == MANIFEST_NAME and name and not is_temp_dir(name):
+        # An empty object is no manifest (a ranged read of it is refused with 416).
+        if rest == MANIFEST_NAME and name and not is_temp_dir(name) and o.get("Size", 1) > 0:
             out.append((name, o["Key"], str(o.get("ETag", ""))))
     return out
 
@@ -537,7 +538,11 @@ def _hint(bucket: str, name: str, key: str, etag: str) -> tuple[int, int, int, s
     if ck in _verified:
         return _verified[ck]
     if ck not in _peeked:
-        head = _get(bucket, key, f"GetObject s3://{bucket}/{key}", f"bytes=0-{_PEEK_BYTES - 1}")
+        try:
+            head = _get(bucket, key, f"GetObject s3://{bucket}/{key}", f"bytes=0-{_PEEK_BYTES - 1}")
+        except OSError as exc:   # gone or unreadable since the listing: not a checkpoint to rank
+            logger.debug("skipping s3://%s/%s: %s", bucket, key, exc)
+            return None
         m = _PEEK_RE.match(head)
         _remember(_peeked, ck, (int(m.group(1)), int(m.group(2))) if m else None)
     rec = _peeked[ck]

@@ -333,7 +333,7 @@ class Worker:
         assert self.init is not None
         write = call if call is not None else self.writer.write_file
         for attempt in range(self.init.transient_retries + 1):
-            if os.path.lexists(path):   # a partial file: of a dead worker's attempt, or of ours
+            if not is_url(path) and os.path.lexists(path):   # a partial file: of a dead worker's attempt, or ours
                 os.unlink(path)
             try:
                 write(path, data, progress=self._add_progress, **kwargs)
@@ -385,11 +385,33 @@ class Worker:
             if self._s3_writer is None:
                 self._s3_writer = mirror_writer(self.init.write_chunk_bytes)
             prepare(root)   # FileExistsError if a checkpoint is committed there: never overwritten
-            return self._write_one(f"{root}/{name}", data, {}, call=self._s3_writer.write_file)
+            return self._upload(f"{root}/{name}", data)
         except Exception as exc:  # noqa: BLE001 - the mirror's failure, reported with the result
             logger.error("worker %d: upload of %s to %s failed: %s", self.slot, name, root, exc)
             mirror_errors.append(f"{root}: {type(exc).__name__}: {exc}")
             return 0
+
+    def _upload(self, url: str, data: memoryview) -> int:
+        """One shard to an object store: a TransientWriteError (throttling, a 5xx) is retried
+        with backoff while the upload is younger than MIRROR_RETRY_WINDOW_S. A store that
+        does not answer makes each attempt last up to 2 x 12 s (zckpt.s3's client): retrying
+        those would outlast stall_timeout_s (30 s) and get this worker declared hung, which
+        fails the local save too; a mirror that fails instead is left out of this save and
+        completed by the next commit. Returns how many retries it took."""
+        from .errors import TransientWriteError
+        assert self.init is not None and self._s3_writer is not None
+        t0 = time.monotonic()
+        for attempt in range(self.init.transient_retries + 1):
+            try:
+                self._s3_writer.write_file(url, data, progress=self._add_progress)
+                return attempt
+            except TransientWriteError as exc:
+                delay = min(5.0, 0.1 * 2 ** attempt)
+                if attempt == self.init.transient_retries or time.monotonic() - t0 + delay > MIRROR_RETRY_WINDOW_S:
+                    raise
+                logger.warning("transient failure uploading %s (%s); retry %d in %.1fs", url, exc, attempt + 1, delay)
+                time.sleep(delay)   # a bounded backoff, not synchronisation
+        raise AssertionError("unreachable")
 
     def _write_gathered(self, job: P.WriteFiles, task: P.FileTask, mm: Any) -> P.FileResult:
         """A file made of several ranges of one segment (see FileTask.runs): the writer's
@@ -507,6 +529,10 @@ def _checksums(data: memoryview, chunks: list[tuple[int, int]]) -> tuple[list[st
         with data[off: off + n] as piece:
             out.append(xxhash.xxh3_64_hexdigest(piece))
     return out, time.perf_counter() - t0
+
+
+#: Retries of a mirror upload stop this long after it began (see Worker._upload).
+MIRROR_RETRY_WINDOW_S = 10.0
 
 
 def _gathered_checksums(parts: list[memoryview], chunks: list[tuple[int, int]]) -> tuple[list[str], float]:
