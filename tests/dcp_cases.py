@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 import torch
-from dist_cases import FAST, _mesh, check_state, empty_like_state, sharded_state
+from dist_cases import FAST, _mesh, check_state, empty_like_state, fsdp2_model, sharded_state
 
 
 def _writer(**changes: Any) -> Any:
@@ -101,18 +101,10 @@ def fsdp2(rank: int, world: int, root: str) -> dict[str, Any]:
     FSDP2 model with dcp.load + ZckptReader: the full state dicts are equal bit for bit."""
     import torch.distributed.checkpoint as dcp
     import torch.distributed.checkpoint.state_dict as dsd
-    from torch.distributed.fsdp import fully_shard
 
     from zckpt.dcp import ZckptReader
 
-    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        model = _model()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
-
+    make = fsdp2_model
     model, opt = make()
     _train(model, opt, 2, seed=rank)
     msd, osd = dsd.get_state_dict(model, opt)

@@ -288,23 +288,26 @@ def busy_collectives(rank: int, world: int, root: str) -> dict[str, Any]:
     return {"paths": paths, "reduces": reduces}
 
 
+def fsdp2_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The same small MLP on every call (seed 0), each Linear and the whole fully_shard()ed, and AdamW."""
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
 def fsdp2(rank: int, world: int, root: str) -> dict[str, Any]:
     """FSDP2 model + optimizer state through get_state_dict: save, load back sharded, and whole."""
     import torch.distributed.checkpoint.state_dict as dsd
-    from torch.distributed.fsdp import fully_shard
 
     import zckpt
     import zckpt.distributed as zd
 
-    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
-
+    make = fsdp2_model
     model, opt = make()
     for _ in range(2):
         model(torch.randn(4, 8)).sum().backward()

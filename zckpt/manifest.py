@@ -52,7 +52,7 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MULTI_RANK_VERSION", "READABLE_VERS
            "write_manifest", "json_metadata", "read_manifest", "read_manifest_body", "with_commit_record",
            "commit_record", "peek_commit_record", "encode_skeleton", "decode_skeleton", "validate_body",
            "DCP_FORMAT_NAME", "DCP_VERSION", "DcpFileRecord", "DcpItemRecord", "DcpTensorEntry", "DcpManifest",
-           "build_dcp_manifest", "parse_dcp_manifest", "read_any_manifest"]
+           "build_dcp_manifest", "parse_dcp_manifest", "read_any_manifest", "seal", "unseal"]
 
 FORMAT_NAME = "zckpt"
 # 3: a multi-rank checkpoint (zckpt.distributed): files live in rank-<r>/ sub-directories
@@ -339,11 +339,33 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+def seal(body: dict[str, Any]) -> bytes:
+    """The bytes of a manifest document: ``body`` plus a checksum of its canonical JSON
+    (what ``manifest.json`` holds, on disk or as an object)."""
+    return json.dumps({"zckpt_manifest": body, "xxh3_64": checksum_hex(_canonical(body))},
+                      separators=(",", ":")).encode()
+
+
+def unseal(raw: bytes, where: str) -> dict[str, Any]:
+    """The body of a manifest document, its own checksum checked (:func:`seal` reversed).
+
+    Raises:
+        CorruptCheckpointError: not a manifest document, or an edited or damaged one.
+    """
+    try:
+        doc = json.loads(raw)
+        body = doc["zckpt_manifest"]
+        expected = doc["xxh3_64"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{where}: manifest is not valid JSON of the zckpt layout ({exc})") from None
+    if not isinstance(body, dict) or checksum_hex(_canonical(body)) != expected:
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch (the manifest was edited or damaged)")
+    return body
+
+
 def write_manifest(directory: str, body: dict[str, Any], *, fsync: bool) -> None:
     """Write ``manifest.json`` (body plus a checksum of it) and make it durable."""
-    doc = {"zckpt_manifest": body, "xxh3_64": checksum_hex(_canonical(body))}
-    write_new_file(os.path.join(directory, MANIFEST_NAME), json.dumps(doc, separators=(",", ":")).encode(),
-                   fsync=fsync)
+    write_new_file(os.path.join(directory, MANIFEST_NAME), seal(body), fsync=fsync)
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -358,15 +380,7 @@ def _read_sealed(directory: str) -> tuple[dict[str, Any], str]:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{directory!r} has no {MANIFEST_NAME}: "
                                      "not a committed zckpt checkpoint") from None
-    try:
-        doc = json.loads(raw)
-        body = doc["zckpt_manifest"]
-        expected = doc["xxh3_64"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{path}: manifest is not valid JSON of the zckpt layout ({exc})") from None
-    if not isinstance(body, dict) or checksum_hex(_canonical(body)) != expected:
-        raise CorruptCheckpointError(f"{path}: manifest checksum mismatch (the manifest was edited or damaged)")
-    return body, path
+    return unseal(raw, path), path
 
 
 def read_manifest(directory: str) -> Manifest:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import logging
 import mmap
 import os
@@ -54,9 +53,10 @@ from .manifest import (
     _PEEK_RE,
     MANIFEST_NAME,
     Manifest,
-    _canonical,
     checksum_hex,
     parse_manifest,
+    seal,
+    unseal,
     with_commit_record,
 )
 
@@ -438,25 +438,6 @@ def _get(bucket: str, key: str, what: str, rng: str | None = None) -> bytes:
         body.close()
 
 
-def _parse_sealed(raw: bytes, where: str) -> dict[str, Any]:
-    """A manifest document's body, its own checksum checked (as zckpt.manifest reads a file)."""
-    try:
-        doc = json.loads(raw)
-        body = doc["zckpt_manifest"]
-        expected = doc["xxh3_64"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{where}: manifest is not valid JSON of the zckpt layout ({exc})") from None
-    if not isinstance(body, dict) or checksum_hex(_canonical(body)) != expected:
-        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch (the manifest was edited or damaged)")
-    return body
-
-
-def _manifest_doc(body: dict[str, Any]) -> bytes:
-    """The bytes :func:`zckpt.manifest.write_manifest` writes for ``body``."""
-    return json.dumps({"zckpt_manifest": body, "xxh3_64": checksum_hex(_canonical(body))},
-                      separators=(",", ":")).encode()
-
-
 def read_manifest_body(url: str) -> dict[str, Any]:
     """The checked body of the manifest object of the checkpoint at ``url``.
 
@@ -473,7 +454,7 @@ def read_manifest_body(url: str) -> dict[str, Any]:
             raise FileNotFoundError(errno.ENOENT, "no checkpoint at this URL", url) from None
         raise CorruptCheckpointError(f"{url!r} has no {MANIFEST_NAME} object: not a committed zckpt "
                                      "checkpoint") from None
-    body = _parse_sealed(raw, f"{url}/{MANIFEST_NAME}")
+    body = unseal(raw, f"{url}/{MANIFEST_NAME}")
     parse_manifest(body, f"{url}/{MANIFEST_NAME}")
     return body
 
@@ -557,7 +538,7 @@ def _verified_key(bucket: str, name: str, key: str, etag: str) -> tuple[int, int
         return _verified[ck]
     url = f"s3://{bucket}/{key}"
     try:
-        m = parse_manifest(_parse_sealed(_get(bucket, key, f"GetObject {url}"), url), url)
+        m = parse_manifest(unseal(_get(bucket, key, f"GetObject {url}"), url), url)
     except (FileNotFoundError, CorruptCheckpointError) as exc:
         logger.debug("skipping %s: its manifest does not verify (%s)", url, exc)
         result = None
@@ -658,7 +639,7 @@ def commit(final: str, manifest: dict[str, Any]) -> None:
         logger.warning("could not list the open uploads under %s: %s", final, exc)
     body = with_commit_record(manifest, next_sequence(_parent(final)), time.time_ns())
     _call(f"PutObject {final}/{MANIFEST_NAME} (IfNoneMatch='*')", client().put_object, Bucket=bucket,
-          Key=base + MANIFEST_NAME, Body=_manifest_doc(body), IfNoneMatch="*", ContentType="application/json")
+          Key=base + MANIFEST_NAME, Body=seal(body), IfNoneMatch="*", ContentType="application/json")
 
 
 def _delete_all(bucket: str, prefix: str) -> None:
